@@ -1,0 +1,117 @@
+"""`olmoe_bh`: lm-eval's HFLM with adaptive (BH) expert routing and exact routing statistics.
+
+A small HFLM subclass in the manner of lm-eval's `hf_steered`: it takes its routing arguments out
+of model_args, validates them before any weights load, patches the loaded model, and tells the patch
+which tokens are real (lm-eval right-pads loglikelihood batches without an attention mask) and which
+task they belong to. The statistics land in the results file under `config.routing`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import defaultdict
+
+import lm_eval.models  # noqa: F401  (registers lm-eval's own models first; see lm_eval_bh._startup)
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from .patch import BHRouting
+from .routing import RoutingConfig, RoutingError
+
+__all__ = ["OlmoeBHLM", "DEFAULT_PRETRAINED"]
+
+DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
+ROUTING_ARGS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+SUPPORTED_MODEL_TYPES = ("olmoe",)
+
+
+@register_model("olmoe_bh")
+class OlmoeBHLM(HFLM):
+    def __init__(self, pretrained=DEFAULT_PRETRAINED, **kwargs):
+        self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
+        self._real_inputs: set[int] | None = None
+        super().__init__(pretrained=pretrained, **kwargs)
+        self.routing = BHRouting(self.routing_config).patch(self.model)
+
+    def _get_config(self, pretrained, **kwargs) -> None:
+        """Check the model type and the expert bounds from the config, before the weights load."""
+        super()._get_config(pretrained, **kwargs)
+        config = self._config
+        model_type = getattr(config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise RoutingError(
+                f"olmoe_bh: {pretrained} is a {model_type!r} model, which has no supported MoE router; "
+                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        self.routing_config.resolve(config.num_experts, config.num_experts_per_tok, config.norm_topk_prob)
+
+    def set_routing(self, **settings) -> None:
+        """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
+        config = RoutingConfig(**settings)
+        self.routing.unpatch()
+        self.routing_config = config
+        self.routing = BHRouting(config).patch(self.model)
+
+    # --- which tokens are real, and which task they belong to --------------------------------
+
+    def _by_task(self, method, requests, **kwargs):
+        """Run `method` once per task so every forward's tokens are counted under their task."""
+        by_task = defaultdict(list)
+        for i, request in enumerate(requests):
+            by_task[request.task_name or "unknown"].append(i)
+        for name in sorted(by_task):
+            self.routing.stats.group_id(name)
+        results = [None] * len(requests)
+        for name in sorted(by_task):
+            idx = by_task[name]
+            with self.routing.group(name):
+                for i, out in zip(idx, method([requests[i] for i in idx], **kwargs)):
+                    results[i] = out
+        return results
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return self._by_task(super().loglikelihood, requests, disable_tqdm=disable_tqdm)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return self._by_task(super().loglikelihood_rolling, requests, disable_tqdm=disable_tqdm)
+
+    def generate_until(self, requests, disable_tqdm: bool = False):
+        return self._by_task(super().generate_until, requests, disable_tqdm=disable_tqdm)
+
+    def _detect_batch_size(self, *args, **kwargs):
+        with self.routing.paused():
+            return super()._detect_batch_size(*args, **kwargs)
+
+    def _loglikelihood_tokens(self, requests, *args, **kwargs):
+        # Remember every request's model input so _model_call can tell real tokens from padding.
+        window = self.max_length + 1
+        self._real_inputs = {hash(tuple((ctx + cont)[-window:][:-1])) for _, ctx, cont in requests}
+        try:
+            return super()._loglikelihood_tokens(requests, *args, **kwargs)
+        finally:
+            self._real_inputs = None
+
+    def _real_token_mask(self, inps: torch.Tensor) -> torch.Tensor:
+        """Right padding is token 0 and so can be a real token: the real length of each row is the
+        shortest prefix, ending after its last non-zero token, that is one of the requests' inputs."""
+        mask = torch.zeros(inps.shape, dtype=torch.bool)
+        for row, tokens in enumerate(inps.tolist()):
+            length = len(tokens)
+            while length and tokens[length - 1] == 0:
+                length -= 1
+            while length < len(tokens) and hash(tuple(tokens[:length])) not in self._real_inputs:
+                length += 1
+            mask[row, :length] = True
+        return mask.to(inps.device)
+
+    def _model_call(self, inps, attn_mask=None, labels=None):
+        if self._real_inputs is None or attn_mask is not None:
+            return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
+        with self.routing.tokens(self._real_token_mask(inps)):
+            return super()._model_call(inps)
+
+    # --- results ----------------------------------------------------------------------------
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "routing": self.routing.summary()}

@@ -1,0 +1,276 @@
+"""Patch a loaded transformers MoE model so its routers select experts adaptively.
+
+Nothing in transformers is changed: the patch sets instance-level `forward`s on the routers (and, when
+k varies, on the experts modules) and a forward pre-hook on the model that tells the routers which
+tokens are real. `unpatch()` deletes exactly what `patch()` added, so the model is the stock model
+again, bit for bit. Use it as a context manager or with explicit patch/unpatch:
+
+    with BHRouting(alpha=0.05, min_k=1).patch(model) as routing:
+        model(**batch)
+    print(routing.summary())
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import dispatch, routing
+from .routing import RoutingConfig, RoutingError
+from .stats import RoutingStats
+
+__all__ = ["BHRouting", "SUPPORTED_ROUTERS", "find_moe_layers"]
+
+_OWNER = "_lm_eval_bh_routing"
+
+
+@dataclass
+class MoELayer:
+    """One MoE block: its router (`gate`) and experts, with what the routing needs to know."""
+
+    block: torch.nn.Module
+    router: torch.nn.Module
+    experts: torch.nn.Module
+    num_experts: int
+    top_k: int
+    norm_topk_prob: bool
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden.reshape(-1, self.router.weight.shape[-1]), self.router.weight)
+
+
+# Router classes whose forward is `logits = linear(h, weight)`, softmax, top-k (transformers >= 5.6).
+SUPPORTED_ROUTERS = ("OlmoeTopKRouter",)
+
+
+def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
+    """The model's MoE blocks in order; a clear error when there are none we can route."""
+    layers, unsupported = [], set()
+    for module in model.modules():
+        router, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if router is None or experts is None:
+            continue
+        if type(router).__name__ not in SUPPORTED_ROUTERS:
+            unsupported.add(f"{type(module).__name__}.gate={type(router).__name__}")
+            continue
+        layers.append(
+            MoELayer(module, router, experts, router.num_experts, router.top_k, bool(router.norm_topk_prob))
+        )
+    if not layers:
+        found = ", ".join(sorted(unsupported)) or f"no MoE router in {type(model).__name__}"
+        raise RoutingError(
+            f"model has no supported MoE router (found: {found}); supported routers: {', '.join(SUPPORTED_ROUTERS)} "
+            "(transformers >= 5.6)"
+        )
+    return layers
+
+
+class BHRouting:
+    """Adaptive (Benjamini-Hochberg) routing for one model, with exact statistics of experts per token."""
+
+    def __init__(self, config: RoutingConfig | None = None, **settings):
+        self.config = config if config is not None else RoutingConfig(**settings)
+        if config is not None and settings:
+            raise TypeError("pass either a RoutingConfig or keyword settings, not both")
+        self.model: torch.nn.Module | None = None
+        self.layers: list[MoELayer] = []
+        self.stats: RoutingStats | None = None
+        self.info: dict = {}
+        self._group = 0
+        self._token_mask: torch.Tensor | None = None
+        self._paused = False
+        self._groups: dict[torch.device, torch.Tensor] = {}
+        self._undo: list = []
+
+    # --- patch / unpatch --------------------------------------------------------------------
+
+    def patch(self, model: torch.nn.Module) -> "BHRouting":
+        if self.model is not None:
+            raise RuntimeError("this BHRouting is already patched into a model; unpatch() it first")
+        owner = getattr(model, _OWNER, None)
+        if owner is not None:
+            raise RuntimeError("model is already patched by another BHRouting; unpatch() that one first")
+        layers = find_moe_layers(model)
+        first = layers[0]
+        if any((l.num_experts, l.top_k) != (first.num_experts, first.top_k) for l in layers):
+            raise RoutingError("MoE layers with different expert counts or top_k are not supported")
+        cfg = self.config.resolve(first.num_experts, first.top_k, first.norm_topk_prob)
+        self.config, self.model, self.layers = cfg, model, layers
+        self.stats = RoutingStats([l.router.weight.device for l in layers], cfg.max_k)
+        self.info = _model_info(model, layers)
+        self.stats.group_id("all")
+        try:
+            for i, layer in enumerate(layers):
+                self._patch_layer(i, layer)
+            handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+            self._undo.append(handle.remove)
+            setattr(model, _OWNER, self)
+            self._undo.append(lambda: delattr(model, _OWNER))
+        except BaseException:
+            self.unpatch()
+            raise
+        return self
+
+    def _patch_layer(self, i: int, layer: MoELayer) -> None:
+        cfg = self.config
+        if cfg.mode == "analyze":
+            self._set_forward(layer.router, self._make_analyze_router(i, layer))
+        elif cfg.fixed_k and cfg.selection in routing.SELECTIONS and self._monotone():
+            # k cannot vary and the p-values order experts like the logits: the stock router with
+            # top_k = k selects exactly the same experts, at the stock speed.
+            self._set_attr(layer.router, "top_k", cfg.max_k)
+            self._set_attr(layer.router, "norm_topk_prob", cfg.renormalize)
+            self._set_forward(layer.router, self._make_fixed_router(i, layer))
+        else:
+            self._set_forward(layer.router, self._make_router(i, layer))
+            if not cfg.fixed_k:
+                self._set_forward(layer.experts, types.MethodType(dispatch.experts_forward, layer.experts))
+
+    def _monotone(self) -> bool:
+        return getattr(routing, "is_monotone", lambda cfg: True)(self.config)
+
+    def _set_forward(self, module: torch.nn.Module, forward) -> None:
+        if "forward" in module.__dict__:
+            raise RuntimeError(f"{type(module).__name__} already has an instance forward (another patch?)")
+        module.forward = forward
+        self._undo.append(lambda: module.__dict__.pop("forward", None))
+
+    def _set_attr(self, module: torch.nn.Module, name: str, value) -> None:
+        old = getattr(module, name)
+        setattr(module, name, value)
+        self._undo.append(lambda: setattr(module, name, old))
+
+    def unpatch(self) -> None:
+        """Remove everything patch() added; the model is the stock model again."""
+        if self.model is None and not self._undo:
+            raise RuntimeError("this BHRouting is not patched into a model")
+        while self._undo:
+            self._undo.pop()()
+        self.model = None
+
+    def __enter__(self) -> "BHRouting":
+        if self.model is None:
+            raise RuntimeError("use `with BHRouting(...).patch(model) as routing:`")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unpatch()
+
+    # --- routers ----------------------------------------------------------------------------
+
+    def _make_router(self, i: int, layer: MoELayer):
+        def forward(router, hidden):
+            logits = layer.logits(hidden)
+            routed = routing.route(logits, self.config)
+            self._record(i, routed.k)
+            return logits, routed.weight.to(logits.dtype), routed.index
+
+        return types.MethodType(forward, layer.router)
+
+    def _make_fixed_router(self, i: int, layer: MoELayer):
+        def forward(router, hidden):
+            out = type(router).forward(router, hidden)
+            self._record(i, torch.full(out[2].shape[:1], self.config.max_k, device=out[2].device))
+            return out
+
+        return types.MethodType(forward, layer.router)
+
+    def _make_analyze_router(self, i: int, layer: MoELayer):
+        def forward(router, hidden):
+            out = type(router).forward(router, hidden)
+            if self._counting():
+                self._record(i, routing.select_count(out[0], self.config)[2])
+            return out
+
+        return types.MethodType(forward, layer.router)
+
+    # --- which tokens count -----------------------------------------------------------------
+
+    def _counting(self) -> bool:
+        return not self._paused and bool(self._groups)
+
+    def _before_forward(self, module, args, kwargs):
+        """Work out, once per model call, which flattened tokens are real and in which group."""
+        self._groups = {}
+        if self._paused:
+            return None
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is None:
+            return None
+        batch, length = inputs.shape[:2]
+        mask = self._token_mask if self._token_mask is not None else kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            real = mask[:, -length:].to(torch.bool)
+        else:
+            real = torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
+        self._groups[real.device] = torch.where(real, self._group, -1).reshape(-1)
+        return None
+
+    def _record(self, layer: int, k: torch.Tensor) -> None:
+        if not self._counting():
+            return
+        groups = self._groups.get(k.device)
+        if groups is None:
+            groups = self._groups[k.device] = next(iter(self._groups.values())).to(k.device)
+        if groups.numel() != k.numel():  # called outside a model forward we saw: count every token
+            groups = torch.full_like(k, self._group)
+        self.stats.add(layer, k, groups)
+
+    @contextlib.contextmanager
+    def group(self, name: str):
+        """Count the tokens of the forwards inside this block under `name` (e.g. an lm-eval task)."""
+        previous, self._group = self._group, self.stats.group_id(name)
+        try:
+            yield self
+        finally:
+            self._group = previous
+
+    @contextlib.contextmanager
+    def tokens(self, mask: torch.Tensor):
+        """Count only the positions where `mask` (batch, length) is true in the forwards inside this block."""
+        previous, self._token_mask = self._token_mask, mask
+        try:
+            yield self
+        finally:
+            self._token_mask = previous
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Count nothing inside this block (e.g. lm-eval's batch-size probing)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = previous
+
+    # --- reporting --------------------------------------------------------------------------
+
+    def summary(self, counts: torch.Tensor | None = None) -> dict:
+        """Settings, model info and exact statistics, as stored under `config.routing` in results files."""
+        info = self.info
+        out = {"settings": self.config.as_dict(), "model": info, **self.stats.summary(counts)}
+        per_layer = [m for m in out["per_layer_mean"] if m is not None]
+        out["active_params_per_token"] = (
+            info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None
+        )
+        return out
+
+
+def _model_info(model: torch.nn.Module, layers: list[MoELayer]) -> dict:
+    """Model shape and parameter split, for cost accounting (active parameters per token)."""
+    expert_params = [sum(p.numel() for p in l.experts.parameters()) for l in layers]
+    total = sum(p.numel() for p in model.parameters())
+    return {
+        "num_layers": len(layers),
+        "num_experts": layers[0].num_experts,
+        "top_k": layers[0].top_k,
+        "total_params": total,
+        "dense_params": total - sum(expert_params),
+        "params_per_expert": expert_params[0] // layers[0].num_experts,
+    }

@@ -1,0 +1,34 @@
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "lm_eval_bh_hf_home"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import OlmoeConfig, OlmoeForCausalLM  # noqa: E402
+
+
+def make_olmoe(seed: int = 0, dtype=torch.float32, **overrides) -> OlmoeForCausalLM:
+    """A tiny random OLMoE (2 layers, 16 experts, top-4) with a heavy-tailed router, in memory."""
+    cfg = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, num_experts=16, num_experts_per_tok=4, max_position_embeddings=256,
+        norm_topk_prob=False, pad_token_id=0, eos_token_id=1, bos_token_id=None,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = OlmoeForCausalLM(OlmoeConfig(**cfg)).to(dtype).eval()
+    with torch.no_grad():  # trained routers have a few experts that stand out per token
+        for layer in model.model.layers:
+            w = layer.mlp.gate.weight
+            w.normal_(0, 0.02)
+            w[: w.shape[0] // 4] *= 12
+    return model
+
+
+@pytest.fixture
+def olmoe():
+    return make_olmoe()
