@@ -80,6 +80,7 @@ class RoutingStats:
                     "tokens": int(counts[0, g].sum()) if len(counts) else 0,
                 }
                 for g, name in enumerate(self.groups)
+                if counts[:, g].sum()
             },
             "nonfinite_router_tokens": int(sum(int(n) for n in self.nonfinite_tokens)),
         }

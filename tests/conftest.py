@@ -32,3 +32,11 @@ def make_olmoe(seed: int = 0, dtype=torch.float32, **overrides) -> OlmoeForCausa
 @pytest.fixture
 def olmoe():
     return make_olmoe()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """The embedded default model (tiny OLMoE + shipped tokenizer), saved to disk for lm-eval."""
+    from lm_eval_bh.tiny import build_tiny_olmoe
+
+    return build_tiny_olmoe(tmp_path_factory.mktemp("tiny-olmoe"))

@@ -1,0 +1,169 @@
+"""olmoe_bh through the real lm-eval: discovery, statistics in results files, batch-size invariance, errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lm_eval
+import pytest
+from lm_eval.tasks import TaskManager
+
+REPO = Path(__file__).resolve().parents[1]
+TASKS = str(REPO / "tasks")
+LIMIT = 24
+
+
+@pytest.fixture(scope="module")
+def task_manager():
+    return TaskManager(include_path=TASKS)
+
+
+def _evaluate(model, model_args, task_manager, tasks=("mmlu_dev_offline", "bigbench_strategyqa_offline"), **kw):
+    return lm_eval.simple_evaluate(
+        model=model, model_args=model_args, tasks=list(tasks), task_manager=task_manager,
+        limit=LIMIT, device="cpu", **kw,
+    )
+
+
+def _run(cmd, **kw):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def test_stock_cli_finds_olmoe_bh_and_writes_routing_stats(tiny_model_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _run([
+        "lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=0.2,min_k=1",
+        "--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline", "--limit", "8",
+        "--output_path", str(out),
+    ])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = out.rglob("results_*.json")
+    routing = json.loads(results_file.read_text())["config"]["routing"]
+    assert routing["settings"]["alpha"] == 0.2
+    assert 1 <= routing["mean_experts_per_token"] <= routing["settings"]["max_k"]
+    assert routing["per_task"]["mmlu_dev_offline"]["tokens"] == routing["tokens"] > 0
+    assert sum(routing["k_histogram"].values()) == routing["tokens"] * routing["model"]["num_layers"]
+    assert len(routing["per_layer_mean"]) == routing["model"]["num_layers"]
+
+
+def test_python_m_lm_eval_and_builtin_models_still_registered():
+    code = (
+        "from lm_eval.api.registry import get_model; "
+        "print(get_model('olmoe_bh').__name__, get_model('hf').__name__)"
+    )
+    proc = _run([sys.executable, "-c", code], cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["OlmoeBHLM", "HFLM"]
+
+
+def test_python_m_lm_eval_finds_olmoe_bh(tiny_model_dir, tmp_path):
+    proc = _run([
+        sys.executable, "-m", "lm_eval", "run", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir}",
+        "--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline", "--limit", "2",
+    ], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mmlu_dev_offline" in proc.stdout
+
+
+def test_stats_are_batch_size_invariant(tiny_model_dir, task_manager):
+    args = f"pretrained={tiny_model_dir},alpha=0.2"
+    stats = [
+        _evaluate("olmoe_bh", args, task_manager, batch_size=bs)["config"]["routing"] for bs in (1, 8, "auto")
+    ]
+    for other in stats[1:]:
+        assert other["tokens"] == stats[0]["tokens"]
+        assert other["k_histogram"] == stats[0]["k_histogram"]
+        assert other["per_task"] == stats[0]["per_task"]
+        assert other["mean_experts_per_token"] == pytest.approx(stats[0]["mean_experts_per_token"], abs=1e-12)
+
+
+def test_fixed_top_k_matches_hf(tiny_model_dir, task_manager):
+    hf = _evaluate("hf", f"pretrained={tiny_model_dir}", task_manager, batch_size=4)
+    bh = _evaluate("olmoe_bh", f"pretrained={tiny_model_dir},min_k=4,max_k=4", task_manager, batch_size=4)
+    for task, metrics in hf["results"].items():
+        assert bh["results"][task]["acc,none"] == metrics["acc,none"]
+    assert bh["config"]["routing"]["mean_experts_per_token"] == 4.0
+
+
+def test_analyze_mode_matches_hf_and_reports_bh_counts(tiny_model_dir, task_manager):
+    hf = _evaluate("hf", f"pretrained={tiny_model_dir}", task_manager)
+    analyzed = _evaluate("olmoe_bh", f"pretrained={tiny_model_dir},alpha=0.2,mode=analyze", task_manager)
+    assert analyzed["results"] == hf["results"]
+    assert 1 <= analyzed["config"]["routing"]["mean_experts_per_token"] < 4
+
+
+def test_generate_until_counts_tokens(tiny_model_dir, tmp_path):
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},alpha=0.2", {"device": "cpu"})
+    from lm_eval.api.instance import Instance
+
+    requests = [
+        Instance("generate_until", None, ("Question: what is 2+2?", {"until": ["\n"], "max_gen_toks": 4}), i,
+                 metadata=("gen_task", i, 1))
+        for i in range(3)
+    ]
+    out = lm.generate_until(requests)
+    assert len(out) == 3
+    per_task = lm.get_model_info()["routing"]["per_task"]
+    assert per_task["gen_task"]["tokens"] > 0
+
+
+BAD_ARGS = [
+    ("alpha=1.5", "alpha must be in (0, 1)"),
+    ("alpha=0", "alpha must be in (0, 1)"),
+    ("min_k=0", "min_k must be an integer >= 1"),
+    ("min_k=-1", "min_k must be an integer >= 1"),
+    ("min_k=2.5", "min_k must be an integer"),
+    ("min_k=4,max_k=2", "max_k must be an integer >= min_k"),
+    ("temperature=0", "temperature must be a finite number > 0"),
+    ("pvalue=bogus", "pvalue must be one of"),
+    ("mode=bogus", "mode must be one of"),
+    ("renormalize=maybe", "renormalize must be true or false"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_ARGS)
+def test_bad_routing_args_fail_before_loading(args, message):
+    from lm_eval.api.registry import get_model
+
+    from lm_eval_bh import RoutingError
+
+    with pytest.raises(RoutingError) as err:  # the path does not exist: validation must come first
+        get_model("olmoe_bh").create_from_arg_string(f"pretrained=/nonexistent/model,{args}", {"device": "cpu"})
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_bounds_against_the_model_fail_before_weights_load(tiny_model_dir, monkeypatch):
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_bh import RoutingError
+
+    monkeypatch.setattr(HFLM, "_create_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(RoutingError, match="max_k must be between min_k and the number of experts"):
+        get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},max_k=17", {"device": "cpu"})
+
+
+def test_cli_error_is_one_line(tiny_model_dir):
+    proc = _run([
+        "lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=2",
+        "--device", "cpu", "--tasks", "mmlu_dev_offline", "--include_path", TASKS,
+    ])
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: alpha must be in (0, 1), got 2.0"
+
+
+def test_non_moe_model_is_a_clear_error(tmp_path):
+    from lm_eval.api.registry import get_model
+    from transformers import LlamaConfig
+
+    from lm_eval_bh import RoutingError
+
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
+    with pytest.raises(RoutingError, match="'llama' model, which has no supported MoE router"):
+        get_model("olmoe_bh").create_from_arg_string(f"pretrained={tmp_path}", {"device": "cpu"})
