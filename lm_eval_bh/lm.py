@@ -8,6 +8,7 @@ task they belong to. The statistics land in the results file under `config.routi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import defaultdict
 
@@ -15,6 +16,7 @@ import lm_eval.models  # noqa: F401  (registers lm-eval's own models first; see 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from .patch import BHRouting
 from .routing import RoutingConfig, RoutingError
@@ -110,6 +112,46 @@ class OlmoeBHLM(HFLM):
             return super()._model_call(inps, attn_mask=attn_mask, labels=labels)
         with self.routing.tokens(self._real_token_mask(inps)):
             return super()._model_call(inps)
+
+    def _model_generate(self, context, max_length, stop, **generation_kwargs):
+        with self._count_live_rows(context.shape[0], stop):
+            return super()._model_generate(context, max_length, stop, **generation_kwargs)
+
+    @contextlib.contextmanager
+    def _count_live_rows(self, batch_size: int, stop: list[str]):
+        """Count a decoded token only while its row would still be generating at batch size 1.
+
+        HF keeps decoding every row of a batch until all rows have stopped; the extra tokens of rows
+        that are done (by lm-eval's stop sequences, judged exactly as lm-eval judges them, or by an
+        end-of-sequence token) are batching artefacts, like padding.
+        """
+        stops = stop_sequences_criteria(self.tokenizer, stop, 0, batch_size)
+        eos = self.model.generation_config.eos_token_id
+        eos = torch.tensor(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        fed: list[torch.Tensor] = []  # the decoded tokens fed back so far, one (batch,) tensor per step
+
+        def before_forward(module, args, kwargs):
+            ids, mask = kwargs.get("input_ids", args[0] if args else None), kwargs.get("attention_mask")
+            if ids is None or mask is None:
+                return None
+            real = mask[:, -ids.shape[1] :].bool()
+            if self.routing.token_mask is not None:  # not the prompt: a decode step
+                fed.append(ids[:, -1].cpu())
+                history = torch.stack(fed, dim=1)
+                for criterion in stops:
+                    criterion(history, None)
+                done = torch.isin(history, eos).any(dim=1)
+                done |= torch.tensor([any(c.done_tracker[i] for c in stops) for i in range(batch_size)])
+                real &= ~done.to(real.device).unsqueeze(1)
+            self.routing.token_mask = real
+            return None
+
+        handle = self.model.register_forward_pre_hook(before_forward, with_kwargs=True, prepend=True)
+        try:
+            with self.routing.tokens(None):
+                yield
+        finally:
+            handle.remove()
 
     # --- results ----------------------------------------------------------------------------
 

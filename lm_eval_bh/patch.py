@@ -81,7 +81,7 @@ class BHRouting:
         self.stats: RoutingStats | None = None
         self.info: dict = {}
         self._group = 0
-        self._token_mask: torch.Tensor | None = None
+        self.token_mask: torch.Tensor | None = None  # (batch, length) real tokens; else the attention mask
         self._paused = False
         self._groups: dict[torch.device, torch.Tensor] = {}
         self._undo: list = []
@@ -204,7 +204,7 @@ class BHRouting:
         if inputs is None:
             return None
         batch, length = inputs.shape[:2]
-        mask = self._token_mask if self._token_mask is not None else kwargs.get("attention_mask")
+        mask = self.token_mask if self.token_mask is not None else kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
             real = mask[:, -length:].to(torch.bool)
         else:
@@ -234,11 +234,11 @@ class BHRouting:
     @contextlib.contextmanager
     def tokens(self, mask: torch.Tensor):
         """Count only the positions where `mask` (batch, length) is true in the forwards inside this block."""
-        previous, self._token_mask = self._token_mask, mask
+        previous, self.token_mask = self.token_mask, mask
         try:
             yield self
         finally:
-            self._token_mask = previous
+            self.token_mask = previous
 
     @contextlib.contextmanager
     def paused(self):

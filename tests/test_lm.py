@@ -95,21 +95,27 @@ def test_analyze_mode_matches_hf_and_reports_bh_counts(tiny_model_dir, task_mana
     assert 1 <= analyzed["config"]["routing"]["mean_experts_per_token"] < 4
 
 
-def test_generate_until_counts_tokens(tiny_model_dir, tmp_path):
+def test_generation_stats_are_batch_size_invariant(tiny_model_dir):
+    """Rows that finished early in a batch keep decoding; those tokens must not be counted."""
+    from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
-    lm = get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},alpha=0.2", {"device": "cpu"})
-    from lm_eval.api.instance import Instance
-
-    requests = [
-        Instance("generate_until", None, ("Question: what is 2+2?", {"until": ["\n"], "max_gen_toks": 4}), i,
-                 metadata=("gen_task", i, 1))
-        for i in range(3)
-    ]
-    out = lm.generate_until(requests)
-    assert len(out) == 3
-    per_task = lm.get_model_info()["routing"]["per_task"]
-    assert per_task["gen_task"]["tokens"] > 0
+    prompts = ["Question: what is 2+2?", "The capital of France is", "Once upon a time there", "A"]
+    totals, texts = [], []
+    for batch_size in (1, 4):
+        lm = get_model("olmoe_bh").create_from_arg_string(
+            f"pretrained={tiny_model_dir},alpha=0.2,batch_size={batch_size}", {"device": "cpu"}
+        )
+        requests = [
+            Instance("generate_until", None, (p, {"until": ["e"], "max_gen_toks": 8, "do_sample": False}), i,
+                     metadata=("gen_task", i, 1))
+            for i, p in enumerate(prompts)
+        ]
+        texts.append(lm.generate_until(requests))
+        totals.append(lm.get_model_info()["routing"]["per_task"]["gen_task"])
+    assert texts[0] == texts[1]
+    assert totals[0] == totals[1]
+    assert totals[0]["tokens"] > 0
 
 
 BAD_ARGS = [
