@@ -1,4 +1,4 @@
-"""`olmoe_bh`: lm-eval's HFLM with adaptive (BH) expert routing and exact routing statistics.
+"""`moe_bh` / `olmoe_bh`: lm-eval's HFLM with adaptive (BH) expert routing and exact routing statistics.
 
 A small HFLM subclass in the manner of lm-eval's `hf_steered`: it takes its routing arguments out
 of model_args, validates them before any weights load, patches the loaded model, and tells the patch
@@ -18,19 +18,23 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
+from .families import config_shape
 from .patch import BHRouting
 from .routing import RoutingConfig, RoutingError
 
-__all__ = ["OlmoeBHLM", "DEFAULT_PRETRAINED"]
+__all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
 
 DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
 ROUTING_ARGS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
-SUPPORTED_MODEL_TYPES = ("olmoe",)
 
 
-@register_model("olmoe_bh")
-class OlmoeBHLM(HFLM):
-    def __init__(self, pretrained=DEFAULT_PRETRAINED, **kwargs):
+@register_model("moe_bh")
+class MoEBHLM(HFLM):
+    """Any supported MoE family (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS); `pretrained` is required."""
+
+    def __init__(self, pretrained=None, **kwargs):
+        if pretrained is None:
+            raise RoutingError("moe_bh needs pretrained=<hub id, local path or model>")
         self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
         self._real_inputs: set[int] | None = None
         super().__init__(pretrained=pretrained, **kwargs)
@@ -39,14 +43,7 @@ class OlmoeBHLM(HFLM):
     def _get_config(self, pretrained, **kwargs) -> None:
         """Check the model type and the expert bounds from the config, before the weights load."""
         super()._get_config(pretrained, **kwargs)
-        config = self._config
-        model_type = getattr(config, "model_type", None)
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise RoutingError(
-                f"olmoe_bh: {pretrained} is a {model_type!r} model, which has no supported MoE router; "
-                f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        self.routing_config.resolve(config.num_experts, config.num_experts_per_tok, config.norm_topk_prob)
+        self.routing_config.resolve(*config_shape(self._config, source=str(pretrained)))
 
     def set_routing(self, **settings) -> None:
         """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
@@ -157,3 +154,11 @@ class OlmoeBHLM(HFLM):
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "routing": self.routing.summary()}
+
+
+@register_model("olmoe_bh")
+class OlmoeBHLM(MoEBHLM):
+    """`moe_bh` with OLMoE-1B-7B as the default `pretrained`."""
+
+    def __init__(self, pretrained=DEFAULT_PRETRAINED, **kwargs):
+        super().__init__(pretrained=pretrained, **kwargs)

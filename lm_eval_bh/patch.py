@@ -14,59 +14,17 @@ from __future__ import annotations
 
 import contextlib
 import types
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from . import dispatch, routing
+from .families import MoELayer, find_moe_layers
 from .routing import RoutingConfig, RoutingError
 from .stats import RoutingStats
 
-__all__ = ["BHRouting", "SUPPORTED_ROUTERS", "find_moe_layers"]
+__all__ = ["BHRouting"]
 
 _OWNER = "_lm_eval_bh_routing"
-
-
-@dataclass
-class MoELayer:
-    """One MoE block: its router (`gate`) and experts, with what the routing needs to know."""
-
-    block: torch.nn.Module
-    router: torch.nn.Module
-    experts: torch.nn.Module
-    num_experts: int
-    top_k: int
-    norm_topk_prob: bool
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden.reshape(-1, self.router.weight.shape[-1]), self.router.weight)
-
-
-# Router classes whose forward is `logits = linear(h, weight)`, softmax, top-k (transformers >= 5.6).
-SUPPORTED_ROUTERS = ("OlmoeTopKRouter",)
-
-
-def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
-    """The model's MoE blocks in order; a clear error when there are none we can route."""
-    layers, unsupported = [], set()
-    for module in model.modules():
-        router, experts = getattr(module, "gate", None), getattr(module, "experts", None)
-        if router is None or experts is None:
-            continue
-        if type(router).__name__ not in SUPPORTED_ROUTERS:
-            unsupported.add(f"{type(module).__name__}.gate={type(router).__name__}")
-            continue
-        layers.append(
-            MoELayer(module, router, experts, router.num_experts, router.top_k, bool(router.norm_topk_prob))
-        )
-    if not layers:
-        found = ", ".join(sorted(unsupported)) or f"no MoE router in {type(model).__name__}"
-        raise RoutingError(
-            f"model has no supported MoE router (found: {found}); supported routers: {', '.join(SUPPORTED_ROUTERS)} "
-            "(transformers >= 5.6)"
-        )
-    return layers
 
 
 class BHRouting:
@@ -98,7 +56,7 @@ class BHRouting:
         first = layers[0]
         if any((l.num_experts, l.top_k) != (first.num_experts, first.top_k) for l in layers):
             raise RoutingError("MoE layers with different expert counts or top_k are not supported")
-        cfg = self.config.resolve(first.num_experts, first.top_k, first.norm_topk_prob)
+        cfg = self.config.resolve(first.num_experts, first.top_k, first.renormalizes)
         self.config, self.model, self.layers = cfg, model, layers
         self.stats = RoutingStats([l.router.weight.device for l in layers], cfg.max_k)
         self.info = _model_info(model, layers)
@@ -119,11 +77,10 @@ class BHRouting:
         cfg = self.config
         if cfg.mode == "analyze":
             self._set_forward(layer.router, self._make_analyze_router(i, layer))
-        elif cfg.fixed_k and cfg.selection in routing.SELECTIONS and self._monotone():
-            # k cannot vary and the p-values order experts like the logits: the stock router with
-            # top_k = k selects exactly the same experts, at the stock speed.
+        elif cfg.fixed_k and cfg.renormalize == layer.renormalizes and self._monotone():
+            # k cannot vary, the p-values order experts like the logits and the weights are the
+            # model's own: the stock router with top_k = k selects the same experts, at stock speed.
             self._set_attr(layer.router, "top_k", cfg.max_k)
-            self._set_attr(layer.router, "norm_topk_prob", cfg.renormalize)
             self._set_forward(layer.router, self._make_fixed_router(i, layer))
         else:
             self._set_forward(layer.router, self._make_router(i, layer))

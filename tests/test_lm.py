@@ -173,3 +173,30 @@ def test_non_moe_model_is_a_clear_error(tmp_path):
     LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path)
     with pytest.raises(RoutingError, match="'llama' model, which has no supported MoE router"):
         get_model("olmoe_bh").create_from_arg_string(f"pretrained={tmp_path}", {"device": "cpu"})
+
+
+def test_moe_bh_evaluates_another_family(tmp_path, task_manager):
+    """The generic `moe_bh` name on a tiny Qwen2-MoE (shared expert) saved with the shipped tokenizer."""
+    from test_families import build
+    from transformers import AutoTokenizer
+
+    from lm_eval_bh.tiny import ASSETS_TOKENIZER
+
+    tokenizer = AutoTokenizer.from_pretrained(ASSETS_TOKENIZER)
+    model = build("qwen2_moe")
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    out = _evaluate("moe_bh", f"pretrained={tmp_path},alpha=0.3", task_manager, tasks=["mmlu_dev_offline"])
+    routing = out["config"]["routing"]
+    assert routing["model"]["num_experts"] == 16
+    assert 1 < routing["mean_experts_per_token"] < 4
+
+
+def test_moe_bh_needs_pretrained():
+    from lm_eval.api.registry import get_model
+
+    from lm_eval_bh import RoutingError
+
+    with pytest.raises(RoutingError, match="moe_bh needs pretrained"):
+        get_model("moe_bh").create_from_arg_string("alpha=0.1", {"device": "cpu"})

@@ -12,7 +12,7 @@ import importlib.util
 import sys
 
 _TARGET = "lm_eval.api.registry"
-_MODELS = {"olmoe_bh": "lm_eval_bh.lm:OlmoeBHLM"}
+_MODELS = {"olmoe_bh": "lm_eval_bh.lm:OlmoeBHLM", "moe_bh": "lm_eval_bh.lm:MoEBHLM"}
 
 
 def _register(registry) -> None:
