@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first; see lm_eval_bh._startup)
 import torch
@@ -37,6 +37,7 @@ class MoEBHLM(HFLM):
             raise RoutingError("moe_bh needs pretrained=<hub id, local path or model>")
         self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
         self._real_inputs: set[int] | None = None
+        self._rank_totals: tuple[list[str], torch.Tensor] | None = None
         super().__init__(pretrained=pretrained, **kwargs)
         self.routing = BHRouting(self.routing_config).patch(self.model)
 
@@ -51,22 +52,30 @@ class MoEBHLM(HFLM):
         self.routing.unpatch()
         self.routing_config = config
         self.routing = BHRouting(config).patch(self.model)
+        self._rank_totals = None
 
     # --- which tokens are real, and which task they belong to --------------------------------
 
     def _by_task(self, method, requests, **kwargs):
-        """Run `method` once per task so every forward's tokens are counted under their task."""
-        by_task = defaultdict(list)
+        """Run `method` once per task so every forward's tokens are counted under their task.
+
+        Under data parallelism lm-eval pads a rank's share with extra copies of its last request
+        (beyond the request's own `repeats`); those run uncounted, and the counts of all ranks are
+        summed after every call, so the results file holds the totals of a single process.
+        """
+        by_task, seen = defaultdict(list), Counter()
         for i, request in enumerate(requests):
-            by_task[request.task_name or "unknown"].append(i)
-        for name in sorted(by_task):
-            self.routing.stats.group_id(name)
+            seen[id(request)] += 1
+            padding = seen[id(request)] > (request.repeats or 1)
+            by_task[None if padding else request.task_name or "unknown"].append(i)
         results = [None] * len(requests)
-        for name in sorted(by_task):
+        for name in sorted(by_task, key=lambda n: (n is None, n or "")):
             idx = by_task[name]
-            with self.routing.group(name):
+            with self.routing.paused() if name is None else self.routing.group(name):
                 for i, out in zip(idx, method([requests[i] for i in idx], **kwargs)):
                     results[i] = out
+        if self.world_size > 1:
+            self._rank_totals = self.routing.stats.total_over_ranks()
         return results
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):
@@ -153,7 +162,8 @@ class MoEBHLM(HFLM):
     # --- results ----------------------------------------------------------------------------
 
     def get_model_info(self) -> dict:
-        return {**super().get_model_info(), "routing": self.routing.summary()}
+        groups, counts = self._rank_totals or (None, None)
+        return {**super().get_model_info(), "routing": self.routing.summary(counts, groups)}
 
 
 @register_model("olmoe_bh")

@@ -208,10 +208,10 @@ class BHRouting:
 
     # --- reporting --------------------------------------------------------------------------
 
-    def summary(self, counts: torch.Tensor | None = None) -> dict:
+    def summary(self, counts: torch.Tensor | None = None, groups: list[str] | None = None) -> dict:
         """Settings, model info and exact statistics, as stored under `config.routing` in results files."""
         info = self.info
-        out = {"settings": self.config.as_dict(), "model": info, **self.stats.summary(counts)}
+        out = {"settings": self.config.as_dict(), "model": info, **self.stats.summary(counts, groups)}
         per_layer = [m for m in out["per_layer_mean"] if m is not None]
         out["active_params_per_token"] = (
             info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None

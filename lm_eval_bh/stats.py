@@ -56,9 +56,28 @@ class RoutingStats:
         """Replace the histograms (e.g. with totals all-reduced over data-parallel ranks)."""
         self._counts = [counts[i].to(d) for i, d in enumerate(self._devices)]
 
-    def summary(self, counts: torch.Tensor | None = None) -> dict:
+    def total_over_ranks(self) -> tuple[list[str], torch.Tensor]:
+        """(groups, counts) summed over all data-parallel ranks; every rank must call it.
+
+        Ranks may have met the groups in different orders (or not at all), so counts are matched
+        by group name, not by position.
+        """
+        groups, counts = list(self.groups), self.counts()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return groups, counts
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, (groups, counts))
+        names = sorted({name for rank_groups, _ in gathered for name in rank_groups})
+        total = torch.zeros(counts.shape[0], len(names), counts.shape[2], dtype=torch.long)
+        for rank_groups, rank_counts in gathered:
+            for j, name in enumerate(rank_groups):
+                total[:, names.index(name)] += rank_counts[:, j]
+        return names, total
+
+    def summary(self, counts: torch.Tensor | None = None, groups: list[str] | None = None) -> dict:
         """Means and histograms for the results file; means are over real tokens and MoE layers."""
         counts = self.counts() if counts is None else counts
+        groups = self.groups if groups is None else groups
         ks = torch.arange(self.max_k + 1, dtype=torch.float64)
         per_layer = counts.sum(dim=1).double()  # (layers, k)
         per_group = counts.sum(dim=0).double()  # (groups, k)
@@ -79,7 +98,7 @@ class RoutingStats:
                     "mean_experts_per_token": mean(per_group[g]),
                     "tokens": int(counts[0, g].sum()) if len(counts) else 0,
                 }
-                for g, name in enumerate(self.groups)
+                for g, name in enumerate(groups)
                 if counts[:, g].sum()
             },
             "nonfinite_router_tokens": int(sum(int(n) for n in self.nonfinite_tokens)),
