@@ -1,8 +1,24 @@
-"""lm-eval-bh: Benjamini-Hochberg adaptive expert routing for MoE models, evaluated with lm-eval."""
+"""lm-eval-bh: Benjamini-Hochberg adaptive expert routing for MoE models, evaluated with lm-eval.
 
-from .families import find_moe_layers
-from .patch import BHRouting
-from .routing import RoutingConfig, RoutingError, benjamini_hochberg, pvalues, route
+The public names load on first use, so `lm-eval-bh --help` does not wait for torch.
+"""
 
-__all__ = ["BHRouting", "RoutingConfig", "RoutingError", "benjamini_hochberg", "find_moe_layers", "pvalues", "route"]
+import importlib
+
 __version__ = "0.1.0"
+_EXPORTS = {
+    "BHRouting": "patch",
+    "find_moe_layers": "families",
+    "RoutingConfig": "routing",
+    "RoutingError": "routing",
+    "benjamini_hochberg": "routing",
+    "pvalues": "routing",
+    "route": "routing",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

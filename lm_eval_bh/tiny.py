@@ -34,7 +34,7 @@ import torch
 
 ASSETS_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
 # bump when the init scheme changes: it is part of the cache key
-INIT_VERSION = "sparse-dict-v1"
+INIT_VERSION = "sparse-dict-v2"
 
 _DEFAULTS = dict(
     hidden_size=64,
@@ -58,6 +58,9 @@ _DEFAULTS = dict(
 # and the range of their strengths, in units of the per-direction noise standard deviation
 _N_ACTIVE_PROBS = (0.25, 0.25, 0.20, 0.15, 0.10, 0.05)
 _STRENGTH_RANGE = (3.0, 7.5)
+
+
+_EXPERT_GAIN = 1.0
 
 
 def _tokenizer_vocab_size() -> int:
@@ -129,6 +132,11 @@ def init_tiny_olmoe_weights(model, seed: int = 0) -> None:
             p.fill_(1.0)
         elif name.endswith(".bias"):
             p.zero_()
+        elif name.endswith(("experts.gate_up_proj", "experts.down_proj", "lm_head.weight")):
+            # Fan-in scaled (not the 0.02 default) so that the experts move the residual stream, the
+            # output layer reads it, and the number of experts a token uses changes the model's answers.
+            std = _EXPERT_GAIN / math.sqrt(p.shape[-1])
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
         else:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(cfg.initializer_range).to(p.dtype))
 
