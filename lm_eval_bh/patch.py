@@ -17,7 +17,7 @@ import types
 
 import torch
 
-from . import dispatch, routing
+from . import calibration, dispatch, routing
 from .families import MoELayer, find_moe_layers
 from .routing import RoutingConfig, RoutingError
 from .stats import RoutingStats
@@ -37,6 +37,7 @@ class BHRouting:
         self.model: torch.nn.Module | None = None
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
+        self.nulls: list = []
         self.info: dict = {}
         self._group = 0
         self.token_mask: torch.Tensor | None = None  # (batch, length) real tokens; else the attention mask
@@ -57,6 +58,7 @@ class BHRouting:
         if any((l.num_experts, l.top_k) != (first.num_experts, first.top_k) for l in layers):
             raise RoutingError("MoE layers with different expert counts or top_k are not supported")
         cfg = self.config.resolve(first.num_experts, first.top_k, first.renormalizes)
+        self.nulls = self._load_nulls(cfg, layers)
         self.config, self.model, self.layers = cfg, model, layers
         self.stats = RoutingStats([l.router.weight.device for l in layers], cfg.max_k)
         self.info = _model_info(model, layers)
@@ -73,22 +75,33 @@ class BHRouting:
             raise
         return self
 
+    @staticmethod
+    def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer]) -> list:
+        """Each layer's calibration null on that layer's device (None per layer unless calibrated)."""
+        if cfg.pvalue != "calibrated":
+            return [None] * len(layers)
+        nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts)
+        return [null.to(layer.router.weight.device) for null, layer in zip(nulls, layers)]
+
     def _patch_layer(self, i: int, layer: MoELayer) -> None:
         cfg = self.config
         if cfg.mode == "analyze":
             self._set_forward(layer.router, self._make_analyze_router(i, layer))
-        elif cfg.fixed_k and cfg.renormalize == layer.renormalizes and self._monotone():
+        elif (
+            cfg.fixed_k
+            and cfg.renormalize == layer.renormalizes
+            and routing.is_monotone(cfg, self.nulls[i])
+            and bool(torch.isfinite(layer.router.weight).all())
+        ):
             # k cannot vary, the p-values order experts like the logits and the weights are the
             # model's own: the stock router with top_k = k selects the same experts, at stock speed.
+            # (Its logits can then only be non-finite where the hidden state already is.)
             self._set_attr(layer.router, "top_k", cfg.max_k)
             self._set_forward(layer.router, self._make_fixed_router(i, layer))
         else:
             self._set_forward(layer.router, self._make_router(i, layer))
             if not cfg.fixed_k:
                 self._set_forward(layer.experts, types.MethodType(dispatch.experts_forward, layer.experts))
-
-    def _monotone(self) -> bool:
-        return getattr(routing, "is_monotone", lambda cfg: True)(self.config)
 
     def _set_forward(self, module: torch.nn.Module, forward) -> None:
         if "forward" in module.__dict__:
@@ -122,8 +135,8 @@ class BHRouting:
     def _make_router(self, i: int, layer: MoELayer):
         def forward(router, hidden):
             logits = layer.logits(hidden)
-            routed = routing.route(logits, self.config)
-            self._record(i, routed.k)
+            routed = routing.route(logits, self.config, null=self.nulls[i])
+            self._record(i, routed.k, routed.nonfinite)
             return logits, routed.weight.to(logits.dtype), routed.index
 
         return types.MethodType(forward, layer.router)
@@ -131,7 +144,8 @@ class BHRouting:
     def _make_fixed_router(self, i: int, layer: MoELayer):
         def forward(router, hidden):
             out = type(router).forward(router, hidden)
-            self._record(i, torch.full(out[2].shape[:1], self.config.max_k, device=out[2].device))
+            k = torch.full(out[2].shape[:1], self.config.max_k, device=out[2].device)
+            self._record(i, k, routing.nonfinite_rows(out[0]))
             return out
 
         return types.MethodType(forward, layer.router)
@@ -140,7 +154,7 @@ class BHRouting:
         def forward(router, hidden):
             out = type(router).forward(router, hidden)
             if self._counting():
-                self._record(i, routing.select_count(out[0], self.config)[2])
+                self._record(i, routing.select_count(out[0], self.config, null=self.nulls[i])[2])
             return out
 
         return types.MethodType(forward, layer.router)
@@ -169,7 +183,7 @@ class BHRouting:
         self._groups[real.device] = torch.where(real, self._group, -1).reshape(-1)
         return None
 
-    def _record(self, layer: int, k: torch.Tensor) -> None:
+    def _record(self, layer: int, k: torch.Tensor, nonfinite: torch.Tensor | None = None) -> None:
         if not self._counting():
             return
         groups = self._groups.get(k.device)
@@ -177,7 +191,7 @@ class BHRouting:
             groups = self._groups[k.device] = next(iter(self._groups.values())).to(k.device)
         if groups.numel() != k.numel():  # called outside a model forward we saw: count every token
             groups = torch.full_like(k, self._group)
-        self.stats.add(layer, k, groups)
+        self.stats.add(layer, k, groups, nonfinite)
 
     @contextlib.contextmanager
     def group(self, name: str):

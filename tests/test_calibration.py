@@ -1,0 +1,274 @@
+"""Calibrated p-values: the empirical-CDF p-value, the streaming sampler, the file format and its
+errors, a calibration round trip on a tiny OLMoE, and the `lm-eval-bh calibrate` command."""
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from conftest import make_olmoe
+from lm_eval_bh import calibrate, routing
+from lm_eval_bh.calibration import (
+    Calibration,
+    LayerNull,
+    NullSampler,
+    load_calibration,
+    read_calibration,
+    read_header,
+    save_calibration,
+)
+from lm_eval_bh.routing import RoutingConfig, RoutingError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- the p-value of a logit against a null sample -------------------------------------------------
+
+
+def test_pvalue_is_plus_one_ecdf_upper_tail():
+    rng = np.random.default_rng(0)
+    sample = np.sort(rng.normal(size=501).astype(np.float32))
+    null = LayerNull(torch.from_numpy(sample))
+    # test points: fresh values, the sample's own values (ties: >= counts them), and beyond both ends
+    x = np.concatenate([rng.normal(size=300), sample[::7], [-10, 10]]).astype(np.float32)
+    p = null.pvalue(torch.from_numpy(x)).numpy()
+    direct = (1 + (sample[None, :] >= x[:, None]).sum(1)) / (len(sample) + 1)
+    np.testing.assert_allclose(p, direct, rtol=1e-6)
+    # scipy's ECDF: sf(x) = fraction of the sample > x, equal to >= away from the sample points
+    sf = stats.ecdf(sample).sf.evaluate(x[:300])
+    np.testing.assert_allclose(p[:300], (1 + len(sample) * sf) / (len(sample) + 1), rtol=1e-5)
+    assert p[-2] == 1.0 and p[-1] == pytest.approx(1 / 502)
+    assert np.all(np.diff(null.pvalue(torch.linspace(-4, 4, 1000)).numpy()) <= 0)  # non-increasing
+
+
+def test_per_expert_pvalue_uses_each_experts_sample():
+    rng = np.random.default_rng(1)
+    samples = np.sort(rng.normal(size=(3, 200)) + np.array([[0.0], [5.0], [-5.0]]), axis=1).astype(np.float32)
+    null = LayerNull(torch.from_numpy(samples))
+    x = rng.normal(size=(7, 3)).astype(np.float32)
+    p = null.pvalue(torch.from_numpy(x)).numpy()
+    for e in range(3):
+        direct = (1 + (samples[e][None, :] >= x[:, e, None]).sum(1)) / 201
+        np.testing.assert_allclose(p[:, e], direct, rtol=1e-6)
+    # batched leading dims work too
+    assert null.pvalue(torch.from_numpy(x).reshape(7, 1, 3)).shape == (7, 1, 3)
+
+
+# --- the streaming sampler --------------------------------------------------------------------
+
+
+def test_sampler_is_bounded_uniform_and_exact_in_its_statistics():
+    s = NullSampler(num_layers=2, num_experts=4, size=500, per_expert=False, seed=0)
+    stream = torch.arange(40_000, dtype=torch.float32).reshape(-1, 4)  # 10,000 tokens, values 0..39999
+    for chunk in stream.split(777):
+        s.add(0, chunk)
+        s.add(1, -chunk)
+    cal = s.calibration({"model": "m"})
+    assert cal.null.shape == (2, 500) and cal.meta["tokens"] == 10_000
+    # a uniform sample without replacement of the 40,000 values seen
+    assert len(np.unique(cal.null[0])) == 500
+    assert stats.kstest(cal.null[0] / 40_000, "uniform").pvalue > 0.01
+    st = cal.meta["layer_stats"][0]
+    assert st["mean"] == pytest.approx(19_999.5) and st["min"] == 0 and st["max"] == 39_999
+    assert st["std"] == pytest.approx(np.arange(40_000).std(), rel=1e-4)
+    # per expert: every expert keeps the same tokens, its own values
+    s = NullSampler(1, 4, size=300, per_expert=True, seed=0)
+    for chunk in stream.split(1000):
+        s.add(0, chunk)
+    cal = s.calibration()
+    assert cal.null.shape == (1, 4, 300)
+    np.testing.assert_array_equal(cal.null[0, 1] - cal.null[0, 0], np.ones(300))
+    # rows with a non-finite logit are not counted
+    s = NullSampler(1, 4, size=10)
+    s.add(0, torch.tensor([[1.0, 2.0, float("nan"), 3.0], [1.0, 2.0, 3.0, 4.0]]))
+    assert s.calibration().meta["tokens"] == 1
+    with pytest.raises(RoutingError, match="saw no tokens"):
+        NullSampler(1, 4).calibration()
+
+
+# --- files ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ext", ["json", "npz"])
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_save_load_round_trip(tmp_path, ext, per_expert):
+    rng = np.random.default_rng(2)
+    shape = (3, 5, 64) if per_expert else (3, 64)
+    null = np.sort(rng.normal(size=shape).astype(np.float32), axis=-1)
+    path = save_calibration(tmp_path / f"c.{ext}", Calibration(null, {"model": "tiny", "num_experts": 5}))
+    cal = read_calibration(path)
+    np.testing.assert_array_equal(cal.null, null)
+    assert cal.meta["model"] == "tiny" and cal.meta["per_expert"] is per_expert
+    assert read_header(path)["num_layers"] == 3
+    nulls = load_calibration(path, num_layers=3, num_experts=5)
+    assert len(nulls) == 3 and nulls[0].per_expert is per_expert and nulls[0].device.type == "cpu"
+    torch.testing.assert_close(nulls[2].samples, torch.from_numpy(null[2]))
+    cfg = RoutingConfig(pvalue="calibrated", calibration=path)
+    assert routing.is_monotone(cfg) is (not per_expert)
+
+
+def test_load_errors_are_one_line(tmp_path):
+    null = np.sort(np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32), axis=-1)
+    good = save_calibration(tmp_path / "c.json", Calibration(null, {"model": "olmoe-x", "num_experts": 8}))
+    cases = {
+        "missing": (str(tmp_path / "nope.json"), "calibration file not found"),
+        "mismatch_layers": (good, r"made for a model with 2 MoE layers and 8 experts \(olmoe-x\); this model has 3"),
+    }
+    (tmp_path / "trunc.json").write_text(open(good).read()[:100])
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
+    (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
+    doc = json.load(open(good))
+    doc["null"]["shape"] = [2, 17]
+    (tmp_path / "shape.json").write_text(json.dumps(doc))
+    for name in ("trunc.json", "other.json", "bad.npz", "shape.json"):
+        cases[name] = (str(tmp_path / name), "not a valid lm-eval-bh calibration file")
+    for key, (path, pattern) in cases.items():
+        with pytest.raises(RoutingError, match=pattern) as e:
+            load_calibration(path, 3 if key == "mismatch_layers" else 2, 8)
+        assert "\n" not in str(e.value), key
+    with pytest.raises(RoutingError, match="this model has 2 MoE layers and 16 experts"):
+        load_calibration(good, 2, 16)
+
+
+# --- round trip on a tiny OLMoE ----------------------------------------------------------------
+
+
+def _token_batches(seed, n_seq, length=64, vocab=1000, batch=8):
+    """Synthetic 'text': Zipf-distributed token ids, the same source for calibration and held-out data."""
+    g = torch.Generator().manual_seed(seed)
+    weights = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64)
+    ids = torch.multinomial(weights, n_seq * length, replacement=True, generator=g).reshape(n_seq, length)
+    return [(b, torch.ones_like(b)) for b in ids.split(batch)]
+
+
+@pytest.fixture(scope="module")
+def tiny_olmoe():
+    return make_olmoe(seed=0, vocab_size=1000)
+
+
+def _held_out_logits(model, batches):
+    captured = {i: [] for i in range(len(calibrate.find_routers(model)))}
+    hooks = [r.register_forward_hook(lambda m, a, out, i=i: captured[i].append(out[0].detach()))
+             for i, r in enumerate(calibrate.find_routers(model))]
+    with torch.inference_mode():
+        for ids, mask in batches:
+            model.model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    return [torch.cat(v) for v in captured.values()]
+
+
+def test_calibration_round_trip_tiny_olmoe(tiny_olmoe, tmp_path):
+    """Calibrate on synthetic text, then on held-out text from the same source the calibrated p-values
+    are close to uniform. Tokens of a sequence are dependent (attention), so the KS statistic is used as
+    a distance (small), not as a test with a p-value."""
+    model = tiny_olmoe
+    held = _held_out_logits(model, _token_batches(1, 24))
+    for per_expert in (False, True):
+        cal = calibrate.calibrate_model(model, _token_batches(0, 48), per_expert=per_expert, samples=4096,
+                                        progress=False, meta={"model": "tiny"})
+        assert cal.meta["num_layers"] == 2 and cal.meta["num_experts"] == 16 and cal.meta["tokens"] == 48 * 64
+        assert cal.meta["top_k"] == 4 and cal.meta["model_type"] == "olmoe"
+        path = save_calibration(tmp_path / f"c{per_expert}.json", cal)
+        nulls = load_calibration(path, 2, 16)
+        for layer, null in enumerate(nulls):
+            p = null.pvalue(held[layer])
+            if not per_expert:
+                assert stats.kstest(p.ravel().numpy(), "uniform").statistic < 0.05
+            else:
+                ks = [stats.kstest(p[:, e].numpy(), "uniform").statistic for e in range(16)]
+                assert np.median(ks) < 0.06 and np.mean(np.array(ks) < 0.1) >= 0.75, ks
+        # the calibration routes the tiny model
+        cfg = RoutingConfig(pvalue="calibrated", calibration=path, alpha=0.1).resolve(16, 4, False)
+        r = routing.route(held[0], cfg, null=nulls[0])
+        assert ((r.k >= 1) & (r.k <= 4)).all() and torch.isfinite(r.weight).all()
+    assert nulls[0].samples.shape == (16, 48 * 64)  # fewer tokens than --samples: all of them are kept
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory, tiny_olmoe):
+    """The tiny OLMoE saved with a word-level tokenizer trained on synthetic text (built offline)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("calib")
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(300)]
+    zipf = [1 / (i + 1) for i in range(300)]
+    paras = [" ".join(rng.choices(words, weights=zipf, k=rng.randint(20, 80))) for _ in range(40)]
+    (root / "train.txt").write_text("\n\n".join(paras))
+    with open(root / "train.jsonl", "w") as f:
+        for p in paras[:10]:
+            f.write(json.dumps({"text": p}) + "\n")
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(paras, trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    tiny_olmoe.save_pretrained(root / "model")
+    fast.save_pretrained(root / "model")
+    return root
+
+
+def test_calibrate_cli_text(saved_model, tmp_path):
+    out = tmp_path / "olmoe.calib.json"
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "lm_eval_bh.cli", "calibrate", "--model_args",
+         f"pretrained={saved_model / 'model'},dtype=float32,alpha=0.05", "--text", str(saved_model / "train.txt"),
+         "--text", str(saved_model / "train.jsonl"), "--output", str(out), "--device", "cpu", "--max_length", "32",
+         "--batch_size", "4", "--samples", "2000"],
+        capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "wrote" in proc.stdout
+    meta = read_header(out)
+    assert meta["num_layers"] == 2 and meta["num_experts"] == 16 and meta["samples_per_null"] == 2000
+    assert meta["source"]["documents"] == 50 and meta["model"] == str(saved_model / "model")
+    assert len(load_calibration(out, 2, 16)) == 2
+    # a usage error is one line and exit code 2
+    proc = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "calibrate", "--model_args", "pretrained=x",
+                           "--output", str(out)], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--text" in proc.stderr
+
+
+def test_calibrate_run_tasks(saved_model, tmp_path):
+    """The --tasks path: contexts of a local lm-eval task (via --include_path), --limit, npz output."""
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"q": f"w{i} w{i + 1} w{i + 2} w3 w4", "choices": ["w1", "w2"], "label": i % 2}) + "\n")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "tiny.yaml").write_text(textwrap.dedent(f"""\
+        task: tiny_calib_task
+        dataset_path: json
+        dataset_kwargs:
+          data_files:
+            test: {data}
+        test_split: test
+        output_type: multiple_choice
+        doc_to_text: "{{{{q}}}}"
+        doc_to_choice: "{{{{choices}}}}"
+        doc_to_target: label
+        metric_list:
+          - metric: acc
+        """))
+    parser = calibrate.add_arguments(argparse.ArgumentParser())
+    out = tmp_path / "c.npz"
+    args = parser.parse_args(["--model_args", f"pretrained={saved_model / 'model'}", "--tasks", "tiny_calib_task",
+                              "--include_path", str(tmp_path / "tasks"), "--limit", "4", "--output", str(out),
+                              "--device", "cpu", "--per_expert", "--samples", "16"])
+    assert calibrate.run(args) == 0
+    cal = read_calibration(out)
+    assert cal.meta["source"]["documents"] == 4 and cal.meta["tokens"] == 20 and cal.per_expert
+    assert cal.null.shape == (2, 16, 16)
