@@ -72,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG} {cmd}: error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:
+        from .routing import RoutingError
+
+        if not isinstance(e, RoutingError):
+            raise
+        print(f"{PROG} {cmd}: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{PROG} {cmd}: interrupted", file=sys.stderr)
         return 130

@@ -38,6 +38,7 @@ class BHRouting:
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
         self.nulls: list = []
+        self.fixed = False
         self.info: dict = {}
         self._group = 0
         self.token_mask: torch.Tensor | None = None  # (batch, length) real tokens; else the attention mask
@@ -63,6 +64,17 @@ class BHRouting:
         self.stats = RoutingStats([l.router.weight.device for l in layers], cfg.max_k)
         self.info = _model_info(model, layers)
         self.stats.group_id("all")
+        # k cannot vary, the p-values order experts like the logits and the weights are the model's
+        # own: the stock routers with top_k = k select the same experts, at stock speed, and every
+        # layer's count is known from the real tokens alone. (With finite router weights the logits
+        # can only be non-finite where the hidden state already is, as in the stock model.)
+        self.fixed = (
+            cfg.mode == "patch"
+            and cfg.fixed_k
+            and all(cfg.renormalize == l.renormalizes for l in layers)
+            and all(routing.is_monotone(cfg, null) for null in self.nulls)
+            and all(bool(torch.isfinite(l.router.weight).all()) for l in layers)
+        )
         try:
             for i, layer in enumerate(layers):
                 self._patch_layer(i, layer)
@@ -87,17 +99,8 @@ class BHRouting:
         cfg = self.config
         if cfg.mode == "analyze":
             self._set_forward(layer.router, self._make_analyze_router(i, layer))
-        elif (
-            cfg.fixed_k
-            and cfg.renormalize == layer.renormalizes
-            and routing.is_monotone(cfg, self.nulls[i])
-            and bool(torch.isfinite(layer.router.weight).all())
-        ):
-            # k cannot vary, the p-values order experts like the logits and the weights are the
-            # model's own: the stock router with top_k = k selects the same experts, at stock speed.
-            # (Its logits can then only be non-finite where the hidden state already is.)
-            self._set_attr(layer.router, "top_k", cfg.max_k)
-            self._set_forward(layer.router, self._make_fixed_router(i, layer))
+        elif self.fixed:
+            self._set_attr(layer.router, "top_k", cfg.max_k)  # counted once per forward, see _before_forward
         else:
             self._set_forward(layer.router, self._make_router(i, layer))
             if not cfg.fixed_k:
@@ -141,15 +144,6 @@ class BHRouting:
 
         return types.MethodType(forward, layer.router)
 
-    def _make_fixed_router(self, i: int, layer: MoELayer):
-        def forward(router, hidden):
-            out = type(router).forward(router, hidden)
-            k = torch.full(out[2].shape[:1], self.config.max_k, device=out[2].device)
-            self._record(i, k, routing.nonfinite_rows(out[0]))
-            return out
-
-        return types.MethodType(forward, layer.router)
-
     def _make_analyze_router(self, i: int, layer: MoELayer):
         def forward(router, hidden):
             out = type(router).forward(router, hidden)
@@ -180,7 +174,9 @@ class BHRouting:
             real = mask[:, -length:].to(torch.bool)
         else:
             real = torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
-        self._groups[real.device] = torch.where(real, self._group, -1).reshape(-1)
+        groups = self._groups[real.device] = torch.where(real, self._group, -1).reshape(-1)
+        if self.fixed:
+            self.stats.add_to_all_layers(self.config.max_k, groups)
         return None
 
     def _record(self, layer: int, k: torch.Tensor, nonfinite: torch.Tensor | None = None) -> None:

@@ -18,6 +18,7 @@ class RoutingStats:
         self.groups: list[str] = []
         self._devices = list(devices)
         self._counts = [torch.zeros(0, max_k + 1, dtype=torch.long, device=d) for d in self._devices]
+        self._every_layer = torch.zeros(0, max_k + 1, dtype=torch.long, device=self._devices[0])
         self.nonfinite_tokens = [torch.zeros((), dtype=torch.long, device=d) for d in self._devices]
 
     @property
@@ -29,6 +30,7 @@ class RoutingStats:
         if name not in self.groups:
             self.groups.append(name)
             self._counts = [torch.cat([c, c.new_zeros(1, self.max_k + 1)]) for c in self._counts]
+            self._every_layer = torch.cat([self._every_layer, self._every_layer.new_zeros(1, self.max_k + 1)])
         return self.groups.index(name)
 
     def add(self, layer: int, k: torch.Tensor, groups: torch.Tensor, nonfinite: torch.Tensor | None = None) -> None:
@@ -40,9 +42,16 @@ class RoutingStats:
         if nonfinite is not None:
             self.nonfinite_tokens[layer] += (nonfinite & counted).sum()
 
+    def add_to_all_layers(self, k: int, groups: torch.Tensor) -> None:
+        """Count every token at the same k in every layer (fixed k): one update per forward."""
+        counted = groups >= 0
+        flat = torch.where(counted, groups * (self.max_k + 1) + k, 0).to(self._every_layer.device)
+        self._every_layer.view(-1).scatter_add_(0, flat, counted.long().to(flat.device))
+
     def reset(self) -> None:
         for c in self._counts:
             c.zero_()
+        self._every_layer.zero_()
         for n in self.nonfinite_tokens:
             n.zero_()
 
@@ -50,11 +59,7 @@ class RoutingStats:
         """All histograms on the CPU: (layers, groups, max_k + 1)."""
         if not self._counts:
             return torch.zeros(0, len(self.groups), self.max_k + 1, dtype=torch.long)
-        return torch.stack([c.cpu() for c in self._counts])
-
-    def load_counts(self, counts: torch.Tensor) -> None:
-        """Replace the histograms (e.g. with totals all-reduced over data-parallel ranks)."""
-        self._counts = [counts[i].to(d) for i, d in enumerate(self._devices)]
+        return torch.stack([c.cpu() for c in self._counts]) + self._every_layer.cpu()
 
     def total_over_ranks(self) -> tuple[list[str], torch.Tensor]:
         """(groups, counts) summed over all data-parallel ranks; every rank must call it.

@@ -1,0 +1,54 @@
+"""The README's commands stay true: the two newcomer commands, CI, and every documented command line."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from lm_eval_bh import RoutingConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _commands():
+    """Every command in the README's bash blocks, continuation lines joined, comments dropped."""
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    lines = (re.sub(r"\s+#.*$", "", line).strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def test_readme_starts_with_demo_and_test_commands():
+    first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).splitlines()
+    assert first[0].split("#")[0].strip() == 'pip install ".[test]" && lm-eval-bh demo'
+    assert first[1].split("#")[0].strip() == "python -m pytest"
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python3 -m pytest" in ci and '".[test]"' in ci
+
+
+@pytest.mark.parametrize("command", [c for c in _commands() if c.startswith("lm-eval-bh ")])
+def test_lm_eval_bh_commands_parse(command):
+    """Each documented `lm-eval-bh` command line is accepted by that subcommand's parser."""
+    import argparse
+    import importlib
+
+    from lm_eval_bh.cli import SUBCOMMANDS
+
+    argv = shlex.split(command.split("&&")[0])[1:]
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    module.add_arguments(parser)
+    parser.parse_args(argv[1:])
+
+
+@pytest.mark.parametrize("command", [c for c in _commands() if re.match(r"(accelerate launch -m )?lm_eval ", c)])
+def test_lm_eval_commands_have_valid_routing_args(command):
+    """Each documented `lm_eval --model olmoe_bh/moe_bh` line has routing model_args that validate."""
+    argv = shlex.split(command)
+    assert argv[argv.index("--model") + 1] in ("olmoe_bh", "moe_bh", "hf")
+    if "--model_args" in argv:
+        pairs = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
+        routing = {k: v for k, v in pairs.items() if k in RoutingConfig.__dataclass_fields__ and k != "calibration"}
+        RoutingConfig(**routing)
