@@ -214,29 +214,6 @@ def ensure_tiny_olmoe(seed: int = 0, **overrides) -> Path:
 
 
 # ----------------------------------------------------------------------------- diagnostics
-def robust_z(logits: torch.Tensor) -> torch.Tensor:
-    """Per-row robust z-scores ``(x - median) / (IQR / 1.349)`` over the last dimension."""
-    x = logits.double()
-    q = torch.quantile(x, torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype), dim=-1)
-    scale = ((q[2] - q[0]) / 1.349).clamp_min(1e-12)
-    return (x - q[1].unsqueeze(-1)) / scale.unsqueeze(-1)
-
-
-def bh_counts(logits: torch.Tensor, alpha: float) -> torch.Tensor:
-    """How many experts per row a BH test (level ``alpha``) on upper-tail robust z p-values rejects.
-
-    A diagnostic for the init, not the product's routing code.
-    """
-    z = robust_z(logits)
-    E = z.shape[-1]
-    zs, _ = torch.sort(z, dim=-1, descending=True)
-    p = 0.5 * torch.erfc(zs / math.sqrt(2.0))  # normal upper tail
-    ranks = torch.arange(1, E + 1, dtype=p.dtype)
-    ok = p <= ranks * alpha / E
-    # k = largest i with p_(i) <= i*alpha/E (0 if none)
-    return torch.where(ok, ranks.expand_as(p), torch.zeros_like(p)).amax(dim=-1).long()
-
-
 @torch.no_grad()
 def router_logits_on_text(model, tokenizer, texts, max_length: int = 128) -> list[torch.Tensor]:
     """Router logits per layer, (n_tokens, num_experts), for ``texts`` (padding dropped)."""
@@ -248,3 +225,7 @@ def router_logits_on_text(model, tokenizer, texts, max_length: int = 128) -> lis
         rl = rl.reshape(-1, rl.shape[-1])
         res.append(rl[mask] if rl.shape[0] == mask.shape[0] else rl)
     return res
+
+
+if __name__ == "__main__":  # `python -m lm_eval_bh.tiny` prints the embedded default's folder, building it once
+    print(ensure_tiny_olmoe())

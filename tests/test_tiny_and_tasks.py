@@ -15,7 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lm_eval_bh import tiny  # noqa: E402
+from lm_eval_bh import benjamini_hochberg, pvalues, tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tasks"
@@ -106,7 +106,7 @@ def test_router_logits_have_a_right_tail():
     texts = [f"Question: {r['question']}\nAnswer: {r['choices'][r['label']]}" for r in recs]
     for rl in tiny.router_logits_on_text(model, tok, texts):
         assert rl.shape[-1] == 16 and rl.shape[0] > 300
-        counts = {a: tiny.bh_counts(rl, a).double() for a in (0.01, 0.05, 0.1, 0.3)}
+        counts = {a: benjamini_hochberg(pvalues(rl, "zscore"), a).sum(-1).double() for a in (0.01, 0.05, 0.1, 0.3)}
         medians = [float(c.median()) for c in counts.values()]
         means = [float(c.mean()) for c in counts.values()]
         assert medians[1] >= 1
