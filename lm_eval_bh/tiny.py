@@ -16,8 +16,10 @@ and each layer's router row ``e`` is (a scaled copy of) the direction of a layer
 permutation of the experts.  The residual stream is dominated by the embedding at init, so
 for every token a handful of experts get logits 3-7.5 robust-sigma above the median of the
 others: a heavy right tail whose BH count grows with alpha (on task text, 16 experts: median
-1 expert at alpha=0.01, 2 at 0.05, 3 at 0.3-0.5, at most 4-7; 64 experts: median 2 -> 5).  All other weights are N(0, 0.02) as in
-OLMoE's own init; the model is untrained (random-level accuracy), it exists for plumbing.
+1 expert at alpha=0.01, 2 at 0.05, 3 at 0.3-0.5, at most 4-7; 64 experts: median 2 -> 5).
+Expert and output weights are fan-in scaled so that the experts a token uses change its
+predictions; all other weights are N(0, 0.02) as in OLMoE's own init. The model is untrained
+(near-chance accuracy): it exists for plumbing and cost accounting.
 """
 
 from __future__ import annotations
