@@ -20,7 +20,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from .families import config_shape
 from .patch import BHRouting
-from .routing import RoutingConfig, RoutingError
+from .routing import RoutingConfig, RoutingError, _as_bool
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
 
@@ -36,10 +36,12 @@ class MoEBHLM(HFLM):
         if pretrained is None:
             raise RoutingError("moe_bh needs pretrained=<hub id, local path or model>")
         self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
+        compile_router = kwargs.pop("compile_router", None)  # torch.compile the router on CUDA (default: yes)
+        self._compile_router = None if compile_router is None else _as_bool("compile_router", compile_router)
         self._real_inputs: set[int] | None = None
         self._rank_totals: tuple[list[str], torch.Tensor] | None = None
         super().__init__(pretrained=pretrained, **kwargs)
-        self.routing = BHRouting(self.routing_config).patch(self.model)
+        self.routing = BHRouting(self.routing_config, compile=self._compile_router).patch(self.model)
 
     def _get_config(self, pretrained, **kwargs) -> None:
         """Check the model type and the expert bounds from the config, before the weights load."""
@@ -51,7 +53,7 @@ class MoEBHLM(HFLM):
         config = RoutingConfig(**settings)
         self.routing.unpatch()
         self.routing_config = config
-        self.routing = BHRouting(config).patch(self.model)
+        self.routing = BHRouting(config, compile=self._compile_router).patch(self.model)
         self._rank_totals = None
 
     # --- which tokens are real, and which task they belong to --------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+import warnings
 
 import torch
 
@@ -30,10 +31,13 @@ _OWNER = "_lm_eval_bh_routing"
 class BHRouting:
     """Adaptive (Benjamini-Hochberg) routing for one model, with exact statistics of experts per token."""
 
-    def __init__(self, config: RoutingConfig | None = None, **settings):
+    def __init__(self, config: RoutingConfig | None = None, *, compile: bool | None = None, **settings):
+        """`compile`: run the router through torch.compile on CUDA (default: on), where the eager router's
+        ~50 small kernels per layer would cost several percent of the forward."""
         self.config = config if config is not None else RoutingConfig(**settings)
         if config is not None and settings:
             raise TypeError("pass either a RoutingConfig or keyword settings, not both")
+        self.compile = True if compile is None else routing._as_bool("compile_router", compile)
         self.model: torch.nn.Module | None = None
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
@@ -44,6 +48,7 @@ class BHRouting:
         self.token_mask: torch.Tensor | None = None  # (batch, length) real tokens; else the attention mask
         self._paused = False
         self._groups: dict[torch.device, torch.Tensor] = {}
+        self._pending: dict[int, tuple] = {}
         self._undo: list = []
 
     # --- patch / unpatch --------------------------------------------------------------------
@@ -78,8 +83,11 @@ class BHRouting:
         try:
             for i, layer in enumerate(layers):
                 self._patch_layer(i, layer)
-            handle = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-            self._undo.append(handle.remove)
+            for handle in (
+                model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                model.register_forward_hook(self._after_forward),
+            ):
+                self._undo.append(handle.remove)
             setattr(model, _OWNER, self)
             self._undo.append(lambda: delattr(model, _OWNER))
         except BaseException:
@@ -138,11 +146,23 @@ class BHRouting:
     def _make_router(self, i: int, layer: MoELayer):
         def forward(router, hidden):
             logits = layer.logits(hidden)
-            routed = routing.route(logits, self.config, null=self.nulls[i])
+            routed = self._route(logits, self.nulls[i])
             self._record(i, routed.k, routed.nonfinite)
             return logits, routed.weight.to(logits.dtype), routed.index
 
         return types.MethodType(forward, layer.router)
+
+    def _route(self, logits: torch.Tensor, null) -> routing.Routed:
+        if not (self.compile and logits.is_cuda):
+            return routing.route(logits, self.config, null=null)
+        try:
+            return _compiled_route()(logits, self.config, null=null)
+        except RoutingError:
+            raise
+        except Exception as e:  # a torch.compile failure must not stop an evaluation
+            warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
+            self.compile = False
+            return routing.route(logits, self.config, null=null)
 
     def _make_analyze_router(self, i: int, layer: MoELayer):
         def forward(router, hidden):
@@ -160,7 +180,7 @@ class BHRouting:
 
     def _before_forward(self, module, args, kwargs):
         """Work out, once per model call, which flattened tokens are real and in which group."""
-        self._groups = {}
+        self._groups, self._pending = {}, {}
         if self._paused:
             return None
         inputs = kwargs.get("input_ids", args[0] if args else None)
@@ -180,14 +200,22 @@ class BHRouting:
         return None
 
     def _record(self, layer: int, k: torch.Tensor, nonfinite: torch.Tensor | None = None) -> None:
+        """Keep a layer's k until the model forward ends, then count all layers at once."""
         if not self._counting():
             return
         groups = self._groups.get(k.device)
         if groups is None:
             groups = self._groups[k.device] = next(iter(self._groups.values())).to(k.device)
-        if groups.numel() != k.numel():  # called outside a model forward we saw: count every token
+        if groups.numel() != k.numel():  # a router call of another size than the model input
             groups = torch.full_like(k, self._group)
-        self.stats.add(layer, k, groups, nonfinite)
+        self._pending.setdefault(id(groups), (groups, []))[1].append((layer, k, nonfinite))
+
+    def _after_forward(self, module, args, output):
+        pending, self._pending = self._pending, {}
+        for groups, records in pending.values():
+            layers, ks, nonfinite = zip(*records)
+            self.stats.add(list(layers), list(ks), groups, None if nonfinite[0] is None else list(nonfinite))
+        return None
 
     @contextlib.contextmanager
     def group(self, name: str):
@@ -227,6 +255,17 @@ class BHRouting:
             info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None
         )
         return out
+
+
+_COMPILED = {}
+
+
+def _compiled_route():
+    """routing.route compiled once per process (dynamic shapes: lm-eval's batches vary in length)."""
+    fn = routing.route
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn]
 
 
 def _model_info(model: torch.nn.Module, layers: list[MoELayer]) -> dict:

@@ -1,7 +1,7 @@
 """Exact routing statistics: how many experts each real token used, per layer and per group (task).
 
-Counts live on the device as one histogram per MoE layer, indexed (group, k), and are updated with a
-scatter-add: no host synchronisation in the forward pass. Tokens whose group is -1 (padding added
+Counts live on the device, a histogram per MoE layer indexed (group, k), updated with one scatter-add
+per model forward: no host synchronisation and few kernel launches in the forward pass. Tokens whose group is -1 (padding added
 by batching, dummy batches) are not counted.
 """
 
@@ -13,53 +13,66 @@ __all__ = ["RoutingStats"]
 
 
 class RoutingStats:
+    """Histograms of k per (MoE layer, group), one table per device holding that device's layers."""
+
     def __init__(self, devices: list[torch.device], max_k: int):
         self.max_k = max_k
         self.groups: list[str] = []
-        self._devices = list(devices)
-        self._counts = [torch.zeros(0, max_k + 1, dtype=torch.long, device=d) for d in self._devices]
-        self._every_layer = torch.zeros(0, max_k + 1, dtype=torch.long, device=self._devices[0])
-        self.nonfinite_tokens = [torch.zeros((), dtype=torch.long, device=d) for d in self._devices]
+        self._where = []  # layer -> (device, row in that device's table)
+        rows: dict[torch.device, int] = {}
+        for d in devices:
+            self._where.append((d, rows.get(d, 0)))
+            rows[d] = rows.get(d, 0) + 1
+        self._tables = {d: torch.zeros(n, 0, max_k + 1, dtype=torch.long, device=d) for d, n in rows.items()}
+        self._every_layer = torch.zeros(0, max_k + 1, dtype=torch.long, device=devices[0])
+        self._nonfinite = {d: torch.zeros((), dtype=torch.long, device=d) for d in rows}
 
     @property
     def num_layers(self) -> int:
-        return len(self._counts)
+        return len(self._where)
 
     def group_id(self, name: str) -> int:
-        """The id of a named group, adding it (and a row to every layer's histogram) if new."""
+        """The id of a named group, adding it (and a row to every histogram) if new."""
         if name not in self.groups:
             self.groups.append(name)
-            self._counts = [torch.cat([c, c.new_zeros(1, self.max_k + 1)]) for c in self._counts]
+            self._tables = {d: torch.cat([t, t.new_zeros(t.shape[0], 1, self.max_k + 1)], 1) for d, t in self._tables.items()}
             self._every_layer = torch.cat([self._every_layer, self._every_layer.new_zeros(1, self.max_k + 1)])
         return self.groups.index(name)
 
-    def add(self, layer: int, k: torch.Tensor, groups: torch.Tensor, nonfinite: torch.Tensor | None = None) -> None:
-        """Count each token's k under its group; groups < 0 are skipped."""
-        counts = self._counts[layer]
+    def add(self, layers: list[int], ks: list[torch.Tensor], groups: torch.Tensor, nonfinite=None) -> None:
+        """Count each token's k in each of `layers` (all on `groups`' device) under its group; groups < 0
+        are skipped. One scatter for all the layers of a forward: few kernel launches, no host sync."""
+        device = groups.device
+        table = self._tables[device]
+        rows = torch.tensor([self._where[i][1] for i in layers], device=device)
         counted = groups >= 0
-        flat = torch.where(counted, groups * (self.max_k + 1) + k, 0)
-        counts.view(-1).scatter_add_(0, flat, counted.long())
+        cell = (rows.unsqueeze(1) * table.shape[1] + groups.clamp_min(0)) * (self.max_k + 1) + torch.stack(ks)
+        table.view(-1).scatter_add_(0, cell.reshape(-1), counted.long().expand(len(layers), -1).reshape(-1))
         if nonfinite is not None:
-            self.nonfinite_tokens[layer] += (nonfinite & counted).sum()
+            self._nonfinite[device] += (torch.stack(nonfinite) & counted).sum()
 
     def add_to_all_layers(self, k: int, groups: torch.Tensor) -> None:
         """Count every token at the same k in every layer (fixed k): one update per forward."""
         counted = groups >= 0
-        flat = torch.where(counted, groups * (self.max_k + 1) + k, 0).to(self._every_layer.device)
-        self._every_layer.view(-1).scatter_add_(0, flat, counted.long().to(flat.device))
+        cell = (groups.clamp_min(0) * (self.max_k + 1) + k).to(self._every_layer.device)
+        self._every_layer.view(-1).scatter_add_(0, cell, counted.long().to(cell.device))
 
     def reset(self) -> None:
-        for c in self._counts:
-            c.zero_()
-        self._every_layer.zero_()
-        for n in self.nonfinite_tokens:
-            n.zero_()
+        for t in (*self._tables.values(), self._every_layer, *self._nonfinite.values()):
+            t.zero_()
 
     def counts(self) -> torch.Tensor:
         """All histograms on the CPU: (layers, groups, max_k + 1)."""
-        if not self._counts:
+        tables = {d: t.cpu() for d, t in self._tables.items()}
+        per_layer = [tables[d][row] for d, row in self._where]
+        if not per_layer:
             return torch.zeros(0, len(self.groups), self.max_k + 1, dtype=torch.long)
-        return torch.stack([c.cpu() for c in self._counts]) + self._every_layer.cpu()
+        return torch.stack(per_layer) + self._every_layer.cpu()
+
+    @property
+    def nonfinite_tokens(self) -> int:
+        """(token, layer) pairs whose router logits had a NaN or an infinity."""
+        return int(sum(int(n) for n in self._nonfinite.values()))
 
     def total_over_ranks(self) -> tuple[list[str], torch.Tensor]:
         """(groups, counts) summed over all data-parallel ranks; every rank must call it.
@@ -106,5 +119,5 @@ class RoutingStats:
                 for g, name in enumerate(groups)
                 if counts[:, g].sum()
             },
-            "nonfinite_router_tokens": int(sum(int(n) for n in self.nonfinite_tokens)),
+            "nonfinite_router_tokens": self.nonfinite_tokens,
         }
