@@ -115,10 +115,14 @@ class BHRouting:
                 self._set_forward(layer.experts, types.MethodType(dispatch.experts_forward, layer.experts))
 
     def _set_forward(self, module: torch.nn.Module, forward) -> None:
+        attr = "forward"
         if "forward" in module.__dict__:
-            raise RuntimeError(f"{type(module).__name__} already has an instance forward (another patch?)")
-        module.forward = forward
-        self._undo.append(lambda: module.__dict__.pop("forward", None))
+            if not (hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__):
+                raise RuntimeError(f"{type(module).__name__} already has an instance forward (another patch?)")
+            attr = "_old_forward"  # accelerate's device hook (device_map, parallelize=True) calls this one
+        old = module.__dict__.get(attr)
+        setattr(module, attr, forward)
+        self._undo.append(lambda: setattr(module, attr, old) if old is not None else module.__dict__.pop(attr))
 
     def _set_attr(self, module: torch.nn.Module, name: str, value) -> None:
         old = getattr(module, name)

@@ -175,3 +175,23 @@ def test_patch_errors():
         routing.unpatch()
     with pytest.raises(RoutingError, match="no supported MoE router"):
         BHRouting().patch(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_patch_cooperates_with_accelerate_device_hooks():
+    """device_map / parallelize=True put accelerate hooks on modules (an instance `forward` that calls
+    `_old_forward`): the patch must route through them and unpatch must leave the hooks as they were."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    model = make_olmoe()
+    for layer in model.model.layers:
+        add_hook_to_module(layer.mlp.gate, AlignDevicesHook(execution_device="cpu"))
+        add_hook_to_module(layer.mlp.experts, AlignDevicesHook(execution_device="cpu"))
+    hooked = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    ids = _ids()
+    with torch.no_grad():
+        stock = model(ids).logits
+        with BHRouting(alpha=0.3).patch(model) as routing:
+            assert not torch.equal(model(ids).logits, stock)
+        assert 1 < routing.summary()["mean_experts_per_token"] < 4
+        assert torch.equal(model(ids).logits, stock)
+    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == hooked
