@@ -51,6 +51,7 @@ class MoEBHLM(HFLM):
     def set_routing(self, **settings) -> None:
         """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
         config = RoutingConfig(**settings)
+        config.resolve(*config_shape(self.model.config))  # a bad setting leaves the current routing in place
         self.routing.unpatch()
         self.routing_config = config
         self.routing = BHRouting(config, compile=self._compile_router).patch(self.model)
