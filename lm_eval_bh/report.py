@@ -167,7 +167,7 @@ def _setting_label(settings: dict) -> tuple[str, str, int | None, float]:
     if fixed is not None:
         fixed = int(fixed)
         return f"olmoe_bh top-{fixed}", FIXED_RULE, fixed, math.nan
-    rule = f"{sel}/{pv}"
+    rule = sel if sel == "topp" else f"{sel}/{pv}"  # top-p reads the softmax mass, not the p-values
     if settings.get("mode") == "analyze":
         # analyze mode routes with the stock top-k and only records what the rule would pick:
         # its accuracy is top-k's, so it is its own curve and never a matched-cost point
