@@ -1,8 +1,10 @@
 """Patch a loaded transformers MoE model so its routers select experts adaptively.
 
 Nothing in transformers is changed: the patch sets instance-level `forward`s on the routers (and, when
-k varies, on the experts modules) and a forward pre-hook on the model that tells the routers which
-tokens are real. `unpatch()` deletes exactly what `patch()` added, so the model is the stock model
+k varies, on the experts modules; under accelerate's device hooks, the `_old_forward` they call),
+and two forward hooks on the model: before, which tokens are real and in which group; after, one
+update of the statistics for all layers. With a fixed k the stock routers run untouched (only their
+`top_k` changes). `unpatch()` undoes exactly what `patch()` did, so the model is the stock model
 again, bit for bit. Use it as a context manager or with explicit patch/unpatch:
 
     with BHRouting(alpha=0.05, min_k=1).patch(model) as routing:
