@@ -56,10 +56,10 @@ def _worker(rank: int, port: int, cpu: bool, out: str) -> None:
     try:
         model = make_tiny_olmoe().to(_device(rank, cpu))
         routing, _ = _route(model, [i for i in range(len(SEQUENCES)) if i % 2 == rank], reverse=rank == 1)
-        groups, counts = routing.stats.total_over_ranks()
+        totals = routing.stats.total_over_ranks()
         if rank == 0:
             with open(out, "w") as f:
-                json.dump(routing.summary(counts, groups), f)
+                json.dump(routing.summary(**totals), f)
     finally:
         dist.destroy_process_group()
 

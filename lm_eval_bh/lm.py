@@ -39,7 +39,7 @@ class MoEBHLM(HFLM):
         compile_router = kwargs.pop("compile_router", None)  # torch.compile the router on CUDA (default: yes)
         self._compile_router = None if compile_router is None else _as_bool("compile_router", compile_router)
         self._real_inputs: set[int] | None = None
-        self._rank_totals: tuple[list[str], torch.Tensor] | None = None
+        self._rank_totals: dict = {}
         super().__init__(pretrained=pretrained, **kwargs)
         self.routing = BHRouting(self.routing_config, compile=self._compile_router).patch(self.model)
 
@@ -55,7 +55,7 @@ class MoEBHLM(HFLM):
         self.routing.unpatch()
         self.routing_config = config
         self.routing = BHRouting(config, compile=self._compile_router).patch(self.model)
-        self._rank_totals = None
+        self._rank_totals = {}
 
     # --- which tokens are real, and which task they belong to --------------------------------
 
@@ -165,8 +165,7 @@ class MoEBHLM(HFLM):
     # --- results ----------------------------------------------------------------------------
 
     def get_model_info(self) -> dict:
-        groups, counts = self._rank_totals or (None, None)
-        return {**super().get_model_info(), "routing": self.routing.summary(counts, groups)}
+        return {**super().get_model_info(), "routing": self.routing.summary(**self._rank_totals)}
 
 
 @register_model("olmoe_bh")

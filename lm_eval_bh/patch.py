@@ -252,10 +252,11 @@ class BHRouting:
 
     # --- reporting --------------------------------------------------------------------------
 
-    def summary(self, counts: torch.Tensor | None = None, groups: list[str] | None = None) -> dict:
-        """Settings, model info and exact statistics, as stored under `config.routing` in results files."""
+    def summary(self, **totals) -> dict:
+        """Settings, model info and exact statistics, as stored under `config.routing` in results files
+        (`totals`: the counts of all data-parallel ranks, from `stats.total_over_ranks()`)."""
         info = self.info
-        out = {"settings": self.config.as_dict(), "model": info, **self.stats.summary(counts, groups)}
+        out = {"settings": self.config.as_dict(), "model": info, **self.stats.summary(**totals)}
         per_layer = [m for m in out["per_layer_mean"] if m is not None]
         out["active_params_per_token"] = (
             info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None

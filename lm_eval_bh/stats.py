@@ -74,25 +74,27 @@ class RoutingStats:
         """(token, layer) pairs whose router logits had a NaN or an infinity."""
         return int(sum(int(n) for n in self._nonfinite.values()))
 
-    def total_over_ranks(self) -> tuple[list[str], torch.Tensor]:
-        """(groups, counts) summed over all data-parallel ranks; every rank must call it.
+    def total_over_ranks(self) -> dict:
+        """Keyword arguments for `summary` with the counts summed over all data-parallel ranks (every
+        rank must call it).
 
         Ranks may have met the groups in different orders (or not at all), so counts are matched
         by group name, not by position.
         """
-        groups, counts = list(self.groups), self.counts()
+        mine = (list(self.groups), self.counts(), self.nonfinite_tokens)
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return groups, counts
+            return dict(zip(("groups", "counts", "nonfinite"), mine))
         gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, (groups, counts))
-        names = sorted({name for rank_groups, _ in gathered for name in rank_groups})
-        total = torch.zeros(counts.shape[0], len(names), counts.shape[2], dtype=torch.long)
-        for rank_groups, rank_counts in gathered:
+        torch.distributed.all_gather_object(gathered, mine)
+        names = sorted({name for rank_groups, _, _ in gathered for name in rank_groups})
+        total = torch.zeros(mine[1].shape[0], len(names), mine[1].shape[2], dtype=torch.long)
+        for rank_groups, rank_counts, _ in gathered:
             for j, name in enumerate(rank_groups):
                 total[:, names.index(name)] += rank_counts[:, j]
-        return names, total
+        return {"groups": names, "counts": total, "nonfinite": sum(n for _, _, n in gathered)}
 
-    def summary(self, counts: torch.Tensor | None = None, groups: list[str] | None = None) -> dict:
+    def summary(self, counts: torch.Tensor | None = None, groups: list[str] | None = None,
+                nonfinite: int | None = None) -> dict:
         """Means and histograms for the results file; means are over real tokens and MoE layers."""
         counts = self.counts() if counts is None else counts
         groups = self.groups if groups is None else groups
@@ -119,5 +121,5 @@ class RoutingStats:
                 for g, name in enumerate(groups)
                 if counts[:, g].sum()
             },
-            "nonfinite_router_tokens": self.nonfinite_tokens,
+            "nonfinite_router_tokens": self.nonfinite_tokens if nonfinite is None else nonfinite,
         }

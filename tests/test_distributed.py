@@ -28,10 +28,10 @@ def _worker(rank, world_size, port, out_path):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         routing = _route(make_olmoe(), [i for i in range(len(SEQUENCES)) if i % world_size == rank])
-        groups, counts = routing.stats.total_over_ranks()
+        totals = routing.stats.total_over_ranks()
         if rank == 0:
             with open(out_path, "w") as f:
-                json.dump(routing.summary(counts, groups), f)
+                json.dump(routing.summary(**totals), f)
     finally:
         dist.destroy_process_group()
 
@@ -44,7 +44,7 @@ def test_totals_over_two_gloo_ranks_equal_one_process(tmp_path):
     mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
     distributed = json.loads(out.read_text())
     single = json.loads(json.dumps(_route(make_olmoe(), list(range(len(SEQUENCES)))).summary()))
-    for key in ("tokens", "k_histogram", "per_layer_mean", "mean_experts_per_token"):
+    for key in ("tokens", "k_histogram", "per_layer_mean", "mean_experts_per_token", "nonfinite_router_tokens"):
         assert distributed[key] == single[key], key
     assert distributed["per_task"] == single["per_task"]
     assert set(single["per_task"]) == {"a", "b", "c"}

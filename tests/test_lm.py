@@ -200,3 +200,20 @@ def test_moe_bh_needs_pretrained():
 
     with pytest.raises(RoutingError, match="moe_bh needs pretrained"):
         get_model("moe_bh").create_from_arg_string("alpha=0.1", {"device": "cpu"})
+
+
+def test_olmoe_bh_defaults_to_olmoe_1b_7b(monkeypatch):
+    """`lm_eval --model olmoe_bh --model_args alpha=0.05` loads OLMoE-1B-7B-0924 (stopped at its config:
+    the hub cannot be reached here)."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    class Loaded(Exception):
+        pass
+
+    def fake_get_config(self, pretrained, **kwargs):
+        raise Loaded(pretrained)
+
+    monkeypatch.setattr(HFLM, "_get_config", fake_get_config)
+    with pytest.raises(Loaded, match="^allenai/OLMoE-1B-7B-0924$"):
+        get_model("olmoe_bh").create_from_arg_string("alpha=0.05", {"device": "cpu"})
