@@ -128,6 +128,10 @@ BAD_ARGS = [
     ("temperature=0", "temperature must be a finite number > 0"),
     ("pvalue=bogus", "pvalue must be one of"),
     ("mode=bogus", "mode must be one of"),
+    ("selection=bogus", "selection must be one of"),
+    ("top_p=1.5", "top_p must be in (0, 1]"),
+    ("pvalue=calibrated", "calibration must be set to a file"),
+    ("pvalue=calibrated,calibration=/nonexistent.json", "calibration file not found"),
     ("renormalize=maybe", "renormalize must be true or false"),
 ]
 
