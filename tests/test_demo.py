@@ -4,27 +4,20 @@ mixed with a corrupt file: the corrupt file is named on stderr, the olmoe_bh and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+from conftest import subprocess_env
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env():
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    env.setdefault("HF_HOME", "/tmp/lm_eval_bh_hf_home")
-    return env
 
 
 def test_demo_then_report_mixed_folder(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "demo", "--output_path", str(out),
                         "--alphas", "0.05", "--topk", "1,4", "--limit", "5"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "bh/zscore alpha=0.05" in p.stdout and "hf top-4" in p.stdout and "olmoe_bh top-4" in p.stdout
     assert "stock hf top-4 agree" in p.stdout
@@ -38,7 +31,7 @@ def test_demo_then_report_mixed_folder(tmp_path):
     (out / "broken" ).mkdir()
     (out / "broken" / "results_corrupt.json").write_text('{"results": {')
     p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "report", str(out), "--format", "json"],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert "results_corrupt.json" in p.stderr and "Traceback" not in p.stderr
     rows = json.loads(p.stdout)

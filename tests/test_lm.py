@@ -1,13 +1,13 @@
 """olmoe_bh through the real lm-eval: discovery, statistics in results files, batch-size invariance, errors."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import lm_eval
 import pytest
+from conftest import subprocess_env
 from lm_eval.tasks import TaskManager
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,8 +28,7 @@ def _evaluate(model, model_args, task_manager, tasks=("mmlu_dev_offline", "bigbe
 
 
 def _run(cmd, **kw):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, **kw)
 
 
 def test_stock_cli_finds_olmoe_bh_and_writes_routing_stats(tiny_model_dir, tmp_path):

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "mmlu_dev_offline,bigbench_strategyqa_offline"
@@ -26,14 +27,6 @@ def tiny_model() -> Path:
     return ensure_tiny_olmoe()
 
 
-def _env():
-    env = dict(os.environ)
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
-    env.setdefault("HF_HOME", "/tmp/lm_eval_bh_hf_home")
-    return env
-
-
 def _sweep_cmd(model: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args", f"pretrained={model},dtype=float32",
             "--tasks", TASKS, "--include_path", str(ROOT / "tasks"), "--limit", "3", "--device", "cpu",
@@ -45,7 +38,7 @@ def test_sweep_resume_after_kill(tmp_path):
     out = tmp_path / "sweep"
     cmd = _sweep_cmd(model, out, "--alphas", "0.01,0.05,0.2,0.5", "--topk", "1,2,4")
     expected = {"topk1", "topk2", "topk4"} | {f"bh-zscore_a{a}_k1-4" for a in ("0.01", "0.05", "0.2", "0.5")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + 150
     try:
@@ -61,7 +54,7 @@ def test_sweep_resume_after_kill(tmp_path):
     first = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.json")}
     assert first and set(first) <= expected
     # restart: finishes the rest, skips what is done, leaves no temp files
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240)
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{len(first)} already done" in p.stderr
     files = sorted(out.iterdir())
@@ -80,7 +73,7 @@ def test_sweep_resume_after_kill(tmp_path):
             assert 1 <= routing["mean_experts_per_token"] <= 4
             assert routing["settings"]["alpha"] == float(f.stem.split("_a")[1].split("_")[0])
     # a third run has nothing to do and reports the table
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "0 to run" in p.stderr and "bh/zscore alpha=0.05 k=1..4" in p.stdout
 
 
@@ -93,7 +86,7 @@ def test_sweep_resume_after_kill(tmp_path):
 def test_sweep_bad_input_is_one_line(tmp_path, extra, flag):
     model = tiny_model()
     cmd = _sweep_cmd(model, tmp_path / "o") + extra
-    p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr
