@@ -163,7 +163,7 @@ class BHRouting:
             return routing.route(logits, self.config, null=null)
         try:
             return _compiled_route()(logits, self.config, null=null)
-        except RoutingError:
+        except (RoutingError, torch.cuda.OutOfMemoryError):  # OOM: lm-eval's batch-size search handles it
             raise
         except Exception as e:  # a torch.compile failure must not stop an evaluation
             warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
