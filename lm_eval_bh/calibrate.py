@@ -25,23 +25,12 @@ from typing import Iterable, Iterator
 
 import torch
 
+from .cli import UsageError
 from .calibration import Calibration, NullSampler, save_calibration
 from .families import find_moe_layers
 from .routing import RoutingConfig, RoutingError
 
 __all__ = ["add_arguments", "run", "calibrate_model", "find_routers", "read_texts", "task_texts", "token_batches"]
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _usage_error(msg: str) -> Exception:
-    try:
-        from .cli import UsageError
-    except ImportError:  # pragma: no cover - cli is part of the package
-        UsageError = _UsageError
-    return UsageError(msg)
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -78,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def read_texts(path: str) -> list[str]:
     """Documents of a text file: JSON lines with a "text" field, or paragraphs of plain text."""
     if not os.path.isfile(path):
-        raise _usage_error(f"--text file not found: {path}")
+        raise UsageError(f"--text file not found: {path}")
     with open(path, encoding="utf-8") as f:
         content = f.read()
     first = next((line for line in content.splitlines() if line.strip()), "")
@@ -90,9 +79,9 @@ def read_texts(path: str) -> list[str]:
             try:
                 doc = json.loads(line)
             except json.JSONDecodeError as e:
-                raise _usage_error(f"--text {path}: line {n} is not JSON ({e.msg})") from None
+                raise UsageError(f"--text {path}: line {n} is not JSON ({e.msg})") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise _usage_error(f"--text {path}: line {n} has no string field 'text'")
+                raise UsageError(f"--text {path}: line {n} has no string field 'text'")
             texts.append(doc["text"])
         return [t for t in texts if t.strip()]
     return [p.strip() for p in content.replace("\r\n", "\n").split("\n\n") if p.strip()]
@@ -119,7 +108,7 @@ def task_texts(tasks: str, include_path: str | None = None, limit: float | None 
     try:
         task_dict = get_task_dict(names, TaskManager(include_path=include_path))
     except Exception as e:  # lm-eval raises assorted errors for unknown tasks and broken YAMLs
-        raise _usage_error(f"--tasks {tasks}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UsageError(f"--tasks {tasks}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     seen: dict[str, None] = {}
     for task in _flatten_tasks(task_dict):
         n = None
@@ -249,7 +238,7 @@ def _parse_model_args(text: str) -> dict:
     except ImportError:  # pragma: no cover
         args = dict(kv.split("=", 1) for kv in text.split(",") if kv)
     if not args.get("pretrained"):
-        raise _usage_error("--model_args must include pretrained=NAME_OR_PATH")
+        raise UsageError("--model_args must include pretrained=NAME_OR_PATH")
     return args
 
 
@@ -264,7 +253,7 @@ def _load(model_args: dict, device: str):
         args.pop(ignored, None)
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise _usage_error(f"dtype must be auto or a torch dtype such as bfloat16, float16, float32; got {dtype!r}")
+            raise UsageError(f"dtype must be auto or a torch dtype such as bfloat16, float16, float32; got {dtype!r}")
         dtype = getattr(torch, dtype)
     common = {k: args[k] for k in ("revision", "trust_remote_code") if k in args}
     tokenizer = AutoTokenizer.from_pretrained(tok_name, **common)
@@ -274,21 +263,21 @@ def _load(model_args: dict, device: str):
 
 def run(args: argparse.Namespace) -> int:
     if not args.text and not args.tasks:
-        raise _usage_error("give text to calibrate on: --text FILE and/or --tasks TASKS")
+        raise UsageError("give text to calibrate on: --text FILE and/or --tasks TASKS")
     for name in ("batch_size", "max_length"):
         if getattr(args, name) < 1:
-            raise _usage_error(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be an integer >= 1, got {getattr(args, name)}")
     if args.samples is not None and args.samples < 1:
-        raise _usage_error(f"--samples must be an integer >= 1, got {args.samples}")
+        raise UsageError(f"--samples must be an integer >= 1, got {args.samples}")
     if args.limit is not None and args.limit <= 0:
-        raise _usage_error(f"--limit must be > 0, got {args.limit}")
+        raise UsageError(f"--limit must be > 0, got {args.limit}")
     texts = []
     for path in args.text:
         texts += read_texts(path)
     if args.tasks:
         texts += task_texts(args.tasks, args.include_path, args.limit)
     if not texts:
-        raise _usage_error("the given --text/--tasks hold no text")
+        raise UsageError("the given --text/--tasks hold no text")
     device = args.device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     model_args = _parse_model_args(args.model_args)
     model, tokenizer, name = _load(model_args, device)

@@ -27,6 +27,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .cli import UsageError
+
 PKG = Path(__file__).resolve().parent
 ROOT = PKG.parent
 DEFAULT_OUT = "results/demo"
@@ -42,12 +44,6 @@ def add_arguments(parser) -> None:
                         help="fixed top-k runs through olmoe_bh, comma-separated (default 1, top_k/2, top_k)")
     parser.add_argument("--jobs", default="2", help="lm_eval processes at once (default 2)")
     parser.add_argument("--verbose", action="store_true", help="show lm_eval's own output")
-
-
-def _usage(msg):
-    from lm_eval_bh.cli import UsageError
-
-    return UsageError(msg)
 
 
 def find_tasks_dir() -> Path | None:
@@ -85,9 +81,9 @@ def run(args) -> int:
         try:
             a = float(t)
         except ValueError:
-            raise _usage(f"--alphas: '{t}' is not a number; allowed: numbers strictly between 0 and 1") from None
+            raise UsageError(f"--alphas: '{t}' is not a number; allowed: numbers strictly between 0 and 1") from None
         if not 0 < a < 1:
-            raise _usage(f"--alphas: {t} is out of range; allowed: numbers strictly between 0 and 1")
+            raise UsageError(f"--alphas: {t} is out of range; allowed: numbers strictly between 0 and 1")
         alphas.append(a)
     limit = None if str(args.limit).lower() == "none" else args.limit
     if limit is not None:
@@ -95,16 +91,16 @@ def run(args) -> int:
             if float(limit) <= 0:
                 raise ValueError
         except ValueError:
-            raise _usage(f"--limit: '{args.limit}' is not allowed; allowed: a positive number or none") from None
+            raise UsageError(f"--limit: '{args.limit}' is not allowed; allowed: a positive number or none") from None
     try:
         jobs = int(args.jobs)
         if jobs < 1:
             raise ValueError
     except ValueError:
-        raise _usage(f"--jobs: '{args.jobs}' is not allowed; allowed: a positive integer") from None
+        raise UsageError(f"--jobs: '{args.jobs}' is not allowed; allowed: a positive integer") from None
     tasks_dir = Path(args.include_path) if args.include_path else find_tasks_dir()
     if tasks_dir is None or not tasks_dir.is_dir():
-        raise _usage("--include_path: no task folder found; pass the project's tasks/ folder")
+        raise UsageError("--include_path: no task folder found; pass the project's tasks/ folder")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -135,7 +131,7 @@ def run(args) -> int:
             if not all(1 <= k <= top_k for k in topks):
                 raise ValueError
         except ValueError:
-            raise _usage(f"--topk: '{args.topk}' is not allowed; allowed: integers 1..{top_k}, comma-separated") from None
+            raise UsageError(f"--topk: '{args.topk}' is not allowed; allowed: integers 1..{top_k}, comma-separated") from None
     runs = plan(tiny, top_k, alphas, topks)
 
     def one(item):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DISPATCH", "STRATEGIES", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
+__all__ = ["STRATEGIES", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
 
 # Above this many routing slots (tokens * max_k) the grouped path pays one host sync to run exactly
 # the real pairs; below it (decoding), it runs padded rows through the element-wise passes instead.
@@ -179,8 +179,12 @@ def _grouped_padded(experts, hidden, index, weight):
     return grouped_forward(experts, hidden, index, weight, exact=False)
 
 
-DISPATCH = {"grouped": grouped_forward, "compact": compact_forward}
-STRATEGIES = {**DISPATCH, "grouped_exact": _grouped_exact, "grouped_padded": _grouped_padded}
+STRATEGIES = {
+    "grouped": grouped_forward,
+    "compact": compact_forward,
+    "grouped_exact": _grouped_exact,
+    "grouped_padded": _grouped_padded,
+}
 
 
 def choose(experts, hidden: torch.Tensor) -> str:

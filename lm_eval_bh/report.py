@@ -23,6 +23,11 @@ import sys
 from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
+import pandas as pd
+
+from .cli import UsageError
+
 AVERAGE = "(average)"
 FIXED_RULE = "top-k"
 ANALYZE_PREFIX = "analyze:"
@@ -201,7 +206,6 @@ def load_results(files: Iterable[Path], config_reader=read_model_config) -> tupl
     Returns (frame, skipped) where skipped lists (file, reason) for files that could not be
     read (corrupt JSON, not an lm-eval results file, missing model config for an hf run...).
     """
-    import pandas as pd
 
     rows: list[dict] = []
     skipped: list[tuple[str, str]] = []
@@ -346,8 +350,6 @@ def add_average(df: "pd.DataFrame") -> "pd.DataFrame":
     """Append one AVERAGE row per (model, setting): the mean over the tasks that every setting
     of that model has (so averages compare like with like). Its stderr assumes independent
     tasks; its mean_k is token-weighted when per-task token counts exist."""
-    import numpy as np
-    import pandas as pd
 
     if df.empty:
         return df
@@ -414,7 +416,6 @@ def mark_pareto(df: "pd.DataFrame") -> "pd.DataFrame":
 def interpolate_fixed(ks, accs, at: float) -> float:
     """Stock top-k accuracy at mean k = ``at``: linear between the fixed-k points present
     (several points at one k are averaged); NaN outside their range (no extrapolation)."""
-    import numpy as np
 
     pts: dict[float, list[float]] = {}
     for k, a in zip(ks, accs):
@@ -451,7 +452,6 @@ def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
 
 def build_report(df: "pd.DataFrame") -> "pd.DataFrame":
     """Tidy frame -> report frame: de-duplicated, with averages, Pareto marks and matched-cost columns."""
-    import pandas as pd
 
     if df.empty:
         return pd.DataFrame(columns=COLUMNS + ["pareto", "topk_acc_at_k", "delta_vs_topk"])
@@ -489,7 +489,6 @@ def _short_model(m: str) -> str:
 
 def summary_table(rep: "pd.DataFrame") -> "pd.DataFrame":
     """One row per setting (task average), human-formatted."""
-    import pandas as pd
 
     avg = rep[rep["task"] == AVERAGE]
     multi_model = avg["model"].nunique() > 1
@@ -515,7 +514,6 @@ def summary_table(rep: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def per_task_table(rep: "pd.DataFrame") -> "pd.DataFrame":
-    import pandas as pd
 
     t = rep[rep["task"] != AVERAGE]
     multi_model = t["model"].nunique() > 1
@@ -624,8 +622,6 @@ def report(paths, fmt="md", output=None, plot=None, err=None) -> tuple[str, "pd.
 
 
 def run(args) -> int:
-    from lm_eval_bh.cli import UsageError
-
     if args.format not in ("md", "csv", "json"):
         raise UsageError(f"--format: '{args.format}' is not allowed; use md, csv or json")
     if args.plot and not str(args.plot).lower().endswith(".png"):

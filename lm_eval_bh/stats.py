@@ -19,17 +19,14 @@ class RoutingStats:
         self.max_k = max_k
         self.groups: list[str] = []
         self._where = []  # layer -> (device, row in that device's table)
-        rows: dict[torch.device, int] = {}
+        layers_on: dict[torch.device, int] = {}
         for d in devices:
-            self._where.append((d, rows.get(d, 0)))
-            rows[d] = rows.get(d, 0) + 1
-        self._tables = {d: torch.zeros(n, 0, max_k + 1, dtype=torch.long, device=d) for d, n in rows.items()}
+            self._where.append((d, layers_on.get(d, 0)))
+            layers_on[d] = layers_on.get(d, 0) + 1
+        self._tables = {d: torch.zeros(n, 0, max_k + 1, dtype=torch.long, device=d) for d, n in layers_on.items()}
         self._every_layer = torch.zeros(0, max_k + 1, dtype=torch.long, device=devices[0])
-        self._nonfinite = {d: torch.zeros((), dtype=torch.long, device=d) for d in rows}
-
-    @property
-    def num_layers(self) -> int:
-        return len(self._where)
+        self._nonfinite = {d: torch.zeros((), dtype=torch.long, device=d) for d in layers_on}
+        self._rows: dict = {}  # (device, layers) -> their rows in the device's table, as a tensor
 
     def group_id(self, name: str) -> int:
         """The id of a named group, adding it (and a row to every histogram) if new."""
@@ -44,7 +41,10 @@ class RoutingStats:
         are skipped. One scatter for all the layers of a forward: few kernel launches, no host sync."""
         device = groups.device
         table = self._tables[device]
-        rows = torch.tensor([self._where[i][1] for i in layers], device=device)
+        key = (device, tuple(layers))
+        rows = self._rows.get(key)
+        if rows is None:  # built once: a host-to-device copy every forward would cost a transfer
+            rows = self._rows[key] = torch.tensor([self._where[i][1] for i in layers], device=device)
         counted = groups >= 0
         cell = (rows.unsqueeze(1) * table.shape[1] + groups.clamp_min(0)) * (self.max_k + 1) + torch.stack(ks)
         table.view(-1).scatter_add_(0, cell.reshape(-1), counted.long().expand(len(layers), -1).reshape(-1))

@@ -32,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cli import UsageError
+
 GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection")
 DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"  # same as lm_eval_bh.lm (not imported here: slow)
 
@@ -61,12 +63,6 @@ def add_arguments(parser) -> None:
 
 # --------------------------------------------------------------------------- parsing / grid
 
-def _usage(msg):
-    from lm_eval_bh.cli import UsageError
-
-    return UsageError(msg)
-
-
 def _split(flag: str, text: str | None) -> list[str]:
     items = [t.strip() for t in str(text or "").split(",") if t.strip()]
     return items
@@ -78,9 +74,9 @@ def _floats(flag, text, lo=None, hi=None, what="numbers"):
         try:
             v = float(t)
         except ValueError:
-            raise _usage(f"{flag}: '{t}' is not a number; allowed: {what}") from None
+            raise UsageError(f"{flag}: '{t}' is not a number; allowed: {what}") from None
         if (lo is not None and not v > lo) or (hi is not None and not v < hi) or not math.isfinite(v):
-            raise _usage(f"{flag}: {t} is out of range; allowed: {what}")
+            raise UsageError(f"{flag}: {t} is out of range; allowed: {what}")
         out.append(v)
     return out
 
@@ -89,9 +85,9 @@ def _int(flag, text, lo, hi):
     try:
         v = int(str(text).strip())
     except ValueError:
-        raise _usage(f"{flag}: '{text}' is not an integer; allowed: integers {lo}..{hi}") from None
+        raise UsageError(f"{flag}: '{text}' is not an integer; allowed: integers {lo}..{hi}") from None
     if not lo <= v <= hi:
-        raise _usage(f"{flag}: {v} is out of range; allowed: integers {lo}..{hi}")
+        raise UsageError(f"{flag}: {v} is out of range; allowed: integers {lo}..{hi}")
     return v
 
 
@@ -99,7 +95,7 @@ def _choices(flag, text, allowed):
     vals = _split(flag, text)
     for v in vals:
         if v not in allowed:
-            raise _usage(f"{flag}: '{v}' is not allowed; allowed: {', '.join(allowed)}")
+            raise UsageError(f"{flag}: '{v}' is not allowed; allowed: {', '.join(allowed)}")
     return vals
 
 
@@ -108,12 +104,12 @@ def parse_model_args(text: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for part in _split("--model_args", text):
         if "=" not in part:
-            raise _usage(f"--model_args: '{part}' is not key=value; allowed: comma-separated key=value pairs")
+            raise UsageError(f"--model_args: '{part}' is not key=value; allowed: comma-separated key=value pairs")
         k, v = part.split("=", 1)
         out[k.strip()] = v.strip()
     for k in GRID_KEYS:
         if k in out:
-            raise _usage(f"--model_args: '{k}' is a grid key; set it with the grid flags "
+            raise UsageError(f"--model_args: '{k}' is a grid key; set it with the grid flags "
                          "(--alphas, --pvalues, --selections, --min_k, --max_k, --topk)")
     return out
 
@@ -165,7 +161,7 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[t
                 grid.append({**base_routing, "selection": sel, "pvalue": pv, "alpha": a,
                              "min_k": min_k, "max_k": max_k})
     if not grid:
-        raise _usage("--topk/--alphas: the grid is empty; give at least one setting")
+        raise UsageError("--topk/--alphas: the grid is empty; give at least one setting")
     # validate every setting before any weights load
     from lm_eval_bh.routing import RoutingConfig, RoutingError
 
@@ -174,7 +170,7 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[t
         try:
             RoutingConfig(**r)
         except (RoutingError, TypeError) as e:
-            raise _usage(f"grid setting {r}: {e}") from None
+            raise UsageError(f"grid setting {r}: {e}") from None
         sid = setting_id(r)
         if sid not in seen:
             seen.add(sid)
@@ -235,11 +231,11 @@ def run(args) -> int:
 
     out = Path(args.output_path)
     if out.exists() and not out.is_dir():
-        raise _usage(f"--output_path: {out} exists and is not a folder")
+        raise UsageError(f"--output_path: {out} exists and is not a folder")
     model_args = parse_model_args(args.model_args)
     tasks = _split("--tasks", args.tasks)
     if not tasks:
-        raise _usage("--tasks: give at least one task or group name")
+        raise UsageError("--tasks: give at least one task or group name")
     limit = None
     if args.limit is not None:
         limit = _floats("--limit", args.limit, 0.0, None, "a positive integer or a fraction < 1")[0]
@@ -248,9 +244,9 @@ def run(args) -> int:
     bootstrap_iters = _int("--bootstrap_iters", args.bootstrap_iters, 0, 10**9)
     bs = str(args.batch_size).strip()
     if not (bs == "auto" or bs.startswith("auto:") or bs.isdigit()):
-        raise _usage(f"--batch_size: '{bs}' is not allowed; allowed: a positive integer, auto or auto:N")
+        raise UsageError(f"--batch_size: '{bs}' is not allowed; allowed: a positive integer, auto or auto:N")
     if args.include_path is not None and not Path(args.include_path).is_dir():
-        raise _usage(f"--include_path: {args.include_path} is not a folder")
+        raise UsageError(f"--include_path: {args.include_path} is not a folder")
 
     if not args.verbose:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
@@ -271,7 +267,7 @@ def run(args) -> int:
     tm = TaskManager(include_path=args.include_path)
     unknown = [t for t in tasks if t not in tm.all_tasks]
     if unknown:
-        raise _usage(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with 'lm-eval ls tasks'"
+        raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with 'lm-eval ls tasks'"
                      + (f" --include_path {args.include_path}" if args.include_path else ""))
 
     out.mkdir(parents=True, exist_ok=True)
