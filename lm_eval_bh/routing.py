@@ -119,10 +119,8 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
 def pvalues(logits: torch.Tensor, method: str = "zscore", temperature: float = 1.0, null=None) -> torch.Tensor:
     """P-values of every expert for each token, in the experts' own order (for analysis and tests)."""
     x = _clean(logits)
-    if method == "calibrated":
-        if null is None:
-            raise RoutingError("pvalue=calibrated needs the layer's calibration (null=...; see load_calibration)")
-        return null.pvalue(x / temperature)
+    if method == "calibrated":  # in the experts' own order, which a per-expert null needs
+        return _calibrated_pvalues(x, temperature, null)
     sorted_logits, order = x.sort(dim=-1, descending=True, stable=True)
     p_sorted = PVALUES[method](sorted_logits, temperature, null)
     return torch.empty_like(p_sorted).scatter_(-1, order, p_sorted)
@@ -363,7 +361,7 @@ def _rank(x: torch.Tensor, cfg: RoutingConfig, null) -> tuple[Ranked, torch.Tens
     if cfg.pvalue == "calibrated" and getattr(null, "per_expert", False):
         # per-expert nulls are not monotone in the logit across experts: order by p, ties by the larger
         # logit, with two stable sorts (logit descending, then p ascending).
-        p = null.pvalue(x if cfg.temperature == 1.0 else x / cfg.temperature)
+        p = _calibrated_pvalues(x, cfg.temperature, null)
         by_logit, order1 = x.sort(dim=-1, descending=True, stable=True)
         p_sorted, order2 = p.gather(-1, order1).sort(dim=-1, stable=True)
         return Ranked(p_sorted, by_logit.gather(-1, order2), False), order1.gather(-1, order2)
