@@ -231,12 +231,9 @@ _ROUTING_KEYS = set(RoutingConfig.__dataclass_fields__)
 
 
 def _parse_model_args(text: str) -> dict:
-    try:
-        from lm_eval.utils import simple_parse_args_string
+    from lm_eval.utils import simple_parse_args_string  # lm_eval's own model_args syntax
 
-        args = simple_parse_args_string(text)
-    except ImportError:  # pragma: no cover
-        args = dict(kv.split("=", 1) for kv in text.split(",") if kv)
+    args = simple_parse_args_string(text)
     if not args.get("pretrained"):
         raise UsageError("--model_args must include pretrained=NAME_OR_PATH")
     return args
