@@ -46,7 +46,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .routing import RoutingError
+from .errors import RoutingError
 
 __all__ = [
     "FORMAT",

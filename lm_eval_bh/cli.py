@@ -12,18 +12,16 @@ import argparse
 import importlib
 import sys
 
+from .errors import RoutingError, UsageError
+
 PROG = "lm-eval-bh"
 
 SUBCOMMANDS = {
-    "demo": ("lm_eval_bh.demo", "run a tiny end-to-end demo with the real lm_eval CLI (CPU, < 3 min)"),
-    "sweep": ("lm_eval_bh.sweep", "evaluate a grid of routing settings, loading the model once (resumable)"),
-    "report": ("lm_eval_bh.report", "accuracy vs mean experts per token from lm-eval results files"),
-    "calibrate": ("lm_eval_bh.calibrate", "fit calibrated router p-values (pvalue=calibrated)"),
+    "demo": ("lm_eval_bh.commands.demo", "run a tiny end-to-end demo with the real lm_eval CLI (CPU, < 3 min)"),
+    "sweep": ("lm_eval_bh.commands.sweep", "evaluate a grid of routing settings, loading the model once (resumable)"),
+    "report": ("lm_eval_bh.commands.report", "accuracy vs mean experts per token from lm-eval results files"),
+    "calibrate": ("lm_eval_bh.commands.calibrate", "fit calibrated router p-values (pvalue=calibrated)"),
 }
-
-
-class UsageError(Exception):
-    """Bad user input: printed as one line, exit code 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -72,11 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"{PROG} {cmd}: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        from .routing import RoutingError
-
-        if not isinstance(e, RoutingError):
-            raise
+    except RoutingError as e:
         print(f"{PROG} {cmd}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

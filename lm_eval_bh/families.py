@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .routing import RoutingError
+from .errors import RoutingError
 
 __all__ = ["Family", "FAMILIES", "UNSUPPORTED", "MoELayer", "find_moe_layers", "config_shape"]
 

@@ -20,7 +20,8 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from .families import config_shape
 from .patch import BHRouting
-from .routing import RoutingConfig, RoutingError, _as_bool
+from .errors import RoutingError
+from .routing import RoutingConfig, _as_bool
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
 

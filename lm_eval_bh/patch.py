@@ -22,7 +22,8 @@ import torch
 
 from . import calibration, dispatch, routing
 from .families import MoELayer, find_moe_layers
-from .routing import RoutingConfig, RoutingError
+from .errors import RoutingError
+from .routing import RoutingConfig
 from .stats import RoutingStats
 
 __all__ = ["BHRouting"]

@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from .errors import RoutingError  # noqa: F401  (public here too)
+
 __all__ = [
     "PVALUES",
     "SELECTIONS",
@@ -36,10 +38,6 @@ __all__ = [
     "route",
     "select_count",
 ]
-
-
-class RoutingError(ValueError):
-    """A bad routing argument or model: the message is one line naming the argument and what is allowed."""
 
 
 # A non-finite logit is replaced by this value before anything else: it sorts last, gets softmax

@@ -15,7 +15,8 @@ import torch
 from scipy import stats
 
 from conftest import make_olmoe
-from lm_eval_bh import calibrate, routing
+from lm_eval_bh import routing
+from lm_eval_bh.commands import calibrate
 from lm_eval_bh.calibration import (
     Calibration,
     LayerNull,

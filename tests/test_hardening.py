@@ -7,7 +7,7 @@ import torch
 from conftest import make_olmoe
 
 from lm_eval_bh import BHRouting, RoutingConfig, RoutingError, route
-from lm_eval_bh.calibrate import calibrate_model
+from lm_eval_bh.commands.calibrate import calibrate_model
 from lm_eval_bh.calibration import save_calibration
 from lm_eval_bh.dispatch import compact_forward, grouped_forward
 

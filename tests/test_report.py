@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lm_eval_bh import report as R
+from lm_eval_bh.commands import report as R
 
 DENSE, PPE, LAYERS = 1000.0, 10.0, 2
 

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli import UsageError
+from ..errors import UsageError
 
 GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection")
 DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"  # same as lm_eval_bh.lm (not imported here: slow)
@@ -311,7 +311,7 @@ def run(args) -> int:
         finally:
             bar.close()
 
-    from lm_eval_bh.report import report
+    from lm_eval_bh.commands.report import report
 
     text, _ = report([out])
     sys.stdout.write(text)

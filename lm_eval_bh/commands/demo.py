@@ -27,9 +27,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .cli import UsageError
+from ..errors import UsageError
 
-PKG = Path(__file__).resolve().parent
+PKG = Path(__file__).resolve().parents[1]
 ROOT = PKG.parent
 DEFAULT_OUT = "results/demo"
 
@@ -162,7 +162,7 @@ def run(args) -> int:
                 print(f"demo: {rid} done in {dt:.1f}s -> {new[-1]}", file=sys.stderr)
                 files.append(new[-1])
 
-    from lm_eval_bh.report import report
+    from lm_eval_bh.commands.report import report
 
     text, rep = report(files, "md", output=out / "report.md", plot=out / "accuracy_vs_experts.png")
     print(text)
@@ -174,7 +174,7 @@ def run(args) -> int:
 
 def _check_agreement(rep, top_k: int) -> None:
     """The plugin at min_k=max_k=top_k must reproduce stock transformers exactly."""
-    from lm_eval_bh.report import AVERAGE
+    from lm_eval_bh.commands.report import AVERAGE
 
     t = rep[rep["rule"] == "top-k"]
     a = t[t["setting"] == f"olmoe_bh top-{top_k}"].set_index("task")["acc"]

@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import numpy as np
 import pandas as pd
 
-from .cli import UsageError
+from ..errors import UsageError
 
 AVERAGE = "(average)"
 FIXED_RULE = "top-k"

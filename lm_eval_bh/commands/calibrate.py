@@ -25,10 +25,10 @@ from typing import Iterable, Iterator
 
 import torch
 
-from .cli import UsageError
-from .calibration import Calibration, NullSampler, save_calibration
-from .families import find_moe_layers
-from .routing import RoutingConfig, RoutingError
+from ..errors import UsageError
+from ..calibration import Calibration, NullSampler, save_calibration
+from ..families import find_moe_layers
+from ..routing import RoutingConfig, RoutingError
 
 __all__ = ["add_arguments", "run", "calibrate_model", "find_routers", "read_texts", "task_texts", "token_batches"]
 
@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import transformers
 
-        from . import __version__ as version
+        from .. import __version__ as version
     except ImportError:  # pragma: no cover
         version = None
     meta["versions"] = {"lm_eval_bh": version, "transformers": transformers.__version__, "torch": torch.__version__}

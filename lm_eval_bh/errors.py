@@ -1,0 +1,9 @@
+"""The project's error types, in one module that everything may import (torch-free)."""
+
+
+class RoutingError(ValueError):
+    """A bad routing argument or model: the message is one line naming the argument and what is allowed."""
+
+
+class UsageError(Exception):
+    """Bad command-line input: printed as one line, exit code 2."""
