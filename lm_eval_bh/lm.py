@@ -9,7 +9,6 @@ task they belong to. The statistics land in the results file under `config.routi
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections import Counter, defaultdict
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first; see lm_eval_bh._startup)
@@ -18,15 +17,14 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
-from .families import config_shape
-from .patch import BHRouting
 from .errors import RoutingError
+from .families import config_shape
+from .model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
+from .patch import BHRouting
 from .routing import RoutingConfig, _as_bool
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
 
-DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
-ROUTING_ARGS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
 
 
 @register_model("moe_bh")

@@ -220,3 +220,44 @@ def test_olmoe_bh_defaults_to_olmoe_1b_7b(monkeypatch):
     monkeypatch.setattr(HFLM, "_get_config", fake_get_config)
     with pytest.raises(Loaded, match="^allenai/OLMoE-1B-7B-0924$"):
         get_model("olmoe_bh").create_from_arg_string("alpha=0.05", {"device": "cpu"})
+
+
+# --- one model_args parser, one default model -------------------------------------------------
+
+def test_model_args_constants_match_the_code_and_are_defined_once():
+    import dataclasses
+
+    from lm_eval_bh import model_args
+    from lm_eval_bh.routing import RoutingConfig
+
+    assert model_args.ROUTING_ARGS == tuple(f.name for f in dataclasses.fields(RoutingConfig))
+    package = REPO / "lm_eval_bh"
+    for pattern, where in ((f'"{model_args.DEFAULT_PRETRAINED}"', ["model_args.py"]),
+                           ("split_top_level(", ["model_args.py"]), ("simple_parse_args_string(", [])):
+        users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if pattern in p.read_text())
+        assert users == where, (pattern, users)
+
+
+@pytest.mark.parametrize("text", [
+    "pretrained=/tmp/m,alpha=0.05,min_k=1,max_k=-1,renormalize=true,revision=None",
+    'pretrained=x,layers=[1, 2],stop=["a,b"]',
+    '{"pretrained": "x", "alpha": 0.1}',
+    "",
+])
+def test_parse_model_args_reads_model_args_as_the_lm_eval_cli_does(text):
+    from lm_eval._cli.run import Run
+
+    from lm_eval_bh.model_args import parse_model_args
+
+    import argparse
+    parser = argparse.ArgumentParser()
+    Run(parser.add_subparsers())  # lm-eval's own `run` parser
+    cli = parser.parse_args(["run", "--model_args", text]).model_args if text else {}
+    assert parse_model_args(text) == cli
+
+
+def test_model_args_module_needs_no_torch():
+    proc = _run([sys.executable, "-c", "import sys, lm_eval_bh.model_args as m; m.parse_model_args('a=1'); "
+                 "print(sorted({'torch', 'transformers'} & set(sys.modules)))"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

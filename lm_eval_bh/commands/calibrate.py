@@ -26,9 +26,10 @@ from typing import Iterable, Iterator
 import torch
 
 from ..errors import UsageError
+from ..model_args import ROUTING_ARGS, parse_model_args
 from ..calibration import Calibration, NullSampler, save_calibration
 from ..families import find_moe_layers
-from ..routing import RoutingConfig, RoutingError
+from ..routing import RoutingError
 
 __all__ = ["add_arguments", "run", "calibrate_model", "find_routers", "read_texts", "task_texts", "token_batches"]
 
@@ -227,13 +228,10 @@ def calibrate_model(
 
 # --- the command -------------------------------------------------------------------------------
 
-_ROUTING_KEYS = set(RoutingConfig.__dataclass_fields__)
 
 
 def _parse_model_args(text: str) -> dict:
-    from lm_eval.utils import simple_parse_args_string  # lm_eval's own model_args syntax
-
-    args = simple_parse_args_string(text)
+    args = parse_model_args(text)
     if not args.get("pretrained"):
         raise UsageError("--model_args must include pretrained=NAME_OR_PATH")
     return args
@@ -242,7 +240,7 @@ def _parse_model_args(text: str) -> dict:
 def _load(model_args: dict, device: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    args = {k: v for k, v in model_args.items() if k not in _ROUTING_KEYS}
+    args = {k: v for k, v in model_args.items() if k not in ROUTING_ARGS}
     pretrained = str(args.pop("pretrained"))
     dtype = args.pop("dtype", args.pop("torch_dtype", "auto"))
     tok_name = args.pop("tokenizer", None) or pretrained

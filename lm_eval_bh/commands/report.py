@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import UsageError
+from ..model_args import parse_model_args as _parse_model_args
 
 AVERAGE = "(average)"
 FIXED_RULE = "top-k"
@@ -73,24 +74,11 @@ def _as_float(x: Any) -> float:
 
 
 def parse_model_args(model_args: Any) -> dict:
-    """model_args as lm-eval stores it: a dict (CLI) or a 'k=v,k2=v2' string (Python API)."""
-    if isinstance(model_args, dict):
-        return dict(model_args)
-    if not model_args or not isinstance(model_args, str):
+    """model_args as lm-eval stores it: a dict (CLI) or a 'k=v,k2=v2' string (Python API); {} if unreadable."""
+    try:
+        return _parse_model_args(model_args if isinstance(model_args, (str, dict)) else None)
+    except UsageError:
         return {}
-    s = model_args.strip()
-    if s.startswith("{"):
-        try:
-            d = json.loads(s)
-            return d if isinstance(d, dict) else {}
-        except ValueError:
-            return {}
-    out = {}
-    for part in s.split(","):
-        if "=" in part:
-            k, v = part.split("=", 1)
-            out[k.strip()] = v.strip()
-    return out
 
 
 def primary_metric(task_result: dict) -> tuple[str | None, float, float]:

@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
+from ..model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
+from ..model_args import parse_model_args as _parse_model_args
 
 GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection")
-DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"  # same as lm_eval_bh.lm (not imported here: slow)
 
 
 def add_arguments(parser) -> None:
@@ -99,14 +100,9 @@ def _choices(flag, text, allowed):
     return vals
 
 
-def parse_model_args(text: str) -> dict[str, str]:
-    """lm-eval's 'k=v,k2=v2' (values kept as strings; lm-eval/OlmoeBHLM convert them)."""
-    out: dict[str, str] = {}
-    for part in _split("--model_args", text):
-        if "=" not in part:
-            raise UsageError(f"--model_args: '{part}' is not key=value; allowed: comma-separated key=value pairs")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
+def parse_model_args(text: str) -> dict:
+    """lm-eval's 'k=v,k2=v2', without the grid keys."""
+    out = _parse_model_args(text)
     for k in GRID_KEYS:
         if k in out:
             raise UsageError(f"--model_args: '{k}' is a grid key; set it with the grid flags "
@@ -251,11 +247,7 @@ def run(args) -> int:
     if not args.verbose:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
 
-    import dataclasses
-
-    from lm_eval_bh.routing import RoutingConfig
-
-    routing_args = {f.name for f in dataclasses.fields(RoutingConfig)}
+    routing_args = set(ROUTING_ARGS)
     pretrained = model_args.get("pretrained", DEFAULT_PRETRAINED)
     base_routing = {k: model_args.pop(k) for k in list(model_args) if k in routing_args}
     shape = _read_moe_shape(pretrained)
