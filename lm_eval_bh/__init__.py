@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BHRouting": "patch",
     "find_moe_layers": "families",
-    "RoutingConfig": "routing",
-    "RoutingError": "routing",
+    "RoutingConfig": "config",
+    "RoutingError": "errors",
     "benjamini_hochberg": "routing",
     "pvalues": "routing",
     "route": "routing",

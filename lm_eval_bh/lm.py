@@ -21,7 +21,7 @@ from .errors import RoutingError
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
 from .patch import BHRouting
-from .routing import RoutingConfig, _as_bool
+from .config import RoutingConfig, _as_bool
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
 

@@ -23,7 +23,7 @@ import torch
 from . import calibration, dispatch, routing
 from .families import MoELayer, find_moe_layers
 from .errors import RoutingError
-from .routing import RoutingConfig
+from .config import RoutingConfig, _as_bool
 from .stats import RoutingStats
 
 __all__ = ["BHRouting"]
@@ -40,7 +40,7 @@ class BHRouting:
         self.config = config if config is not None else RoutingConfig(**settings)
         if config is not None and settings:
             raise TypeError("pass either a RoutingConfig or keyword settings, not both")
-        self.compile = True if compile is None else routing._as_bool("compile_router", compile)
+        self.compile = True if compile is None else _as_bool("compile_router", compile)
         self.model: torch.nn.Module | None = None
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
@@ -101,7 +101,7 @@ class BHRouting:
     @staticmethod
     def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer]) -> list:
         """Each layer's calibration null on that layer's device (None per layer unless calibrated)."""
-        if cfg.pvalue != "calibrated":
+        if cfg.calibration is None:  # no p-value method or rule of this config needs a null
             return [None] * len(layers)
         nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts)
         return [null.to(layer.router.weight.device) for null, layer in zip(nulls, layers)]
@@ -175,7 +175,7 @@ class BHRouting:
         def forward(router, hidden):
             out = type(router).forward(router, hidden)
             if self._counting():
-                self._record(i, routing.select_count(out[0], self.config, null=self.nulls[i])[2])
+                self._record(i, routing.select_count(out[0], self.config, null=self.nulls[i]).k)
             return out
 
         return types.MethodType(forward, layer.router)

@@ -1,15 +1,15 @@
 """Pure routing maths: router logits -> p-values -> a variable number of experts per token.
 
-Torch only (no transformers), fully vectorised over tokens, no host synchronisation. Every rule works
-on the experts sorted by p-value (ties broken by the larger logit) and picks a per-token count k in
-[min_k, max_k]; the first k sorted experts are selected and the remaining max_k - k slots are padding
-(index = num_experts, weight 0) that the dispatch never runs.
+Torch only (no transformers, no files), fully vectorised over tokens, no host synchronisation. Every
+rule works on the experts sorted by p-value (ties broken by the larger logit) and picks a per-token
+count k in [min_k, max_k]; the first k sorted experts are selected and the remaining max_k - k slots
+are padding (index = num_experts, weight 0) that the dispatch never runs.
 
-p-value methods (`pvalue=`): ``zscore`` (per-token robust z, normal tail), ``softmax`` (1 - softmax
-probability) and ``calibrated`` (upper tail of an empirical null of the layer's logits, fitted by
-``lm-eval-bh calibrate``; see lm_eval_bh/calibration.py). Selection rules (`selection=`): ``bh``
-(Benjamini-Hochberg step-up), ``hc`` (higher criticism), ``topp`` (smallest set reaching a softmax
-mass), ``topk`` (always max_k). See docs/pvalues.md.
+Each p-value method (`pvalue=`) is a `PValueMethod` and each selection rule (`selection=`) a
+`SelectionRule`, registered in `PVALUES` / `SELECTIONS`: adding one means one spec and its tests.
+The settings themselves (`RoutingConfig`) live in lm_eval_bh/config.py. A calibration `null` is
+duck-typed: ``null.pvalue(x)`` (and ``null.per_expert``) for p-values, see lm_eval_bh/calibration.py.
+See docs/pvalues.md for what each method and rule promises.
 
 Non-finite router logits (NaN, +inf, -inf) are defined behaviour, see `route`.
 """
@@ -17,20 +17,27 @@ Non-finite router logits (NaN, +inf, -inf) are defined behaviour, see `route`.
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 
-from .errors import RoutingError  # noqa: F401  (public here too)
+from .errors import RoutingError
+
+if TYPE_CHECKING:
+    from .config import RoutingConfig
 
 __all__ = [
+    "NONFINITE_LOGIT",
     "PVALUES",
     "SELECTIONS",
+    "PValueMethod",
+    "Ranked",
+    "Routed",
     "RoutingConfig",
     "RoutingError",
-    "Routed",
+    "Selection",
+    "SelectionRule",
     "benjamini_hochberg",
     "is_monotone",
     "nonfinite_rows",
@@ -46,20 +53,39 @@ __all__ = [
 NONFINITE_LOGIT = -1.0e30
 
 
-# --- p-values --------------------------------------------------------------------------------
-# Each function maps logits sorted in descending order along the last dim to their p-values (same
-# order): fn(sorted_logits, temperature, null) with `null` the layer's calibration (None unless the
-# method needs one). Methods are decreasing in the logit unless the null is per expert (see
-# `is_monotone`), so sorting logits descending sorts p-values ascending with ties broken by the
-# larger logit, as the selection rules require.
+# --- p-value methods ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PValueMethod:
+    """How a token's router logits become one p-value per expert.
+
+    `fn(logits, temperature, null)` returns p-values of the same shape and order as `logits` (T, E).
+    For a method that orders the experts like their logits (`monotone`, or a null that is not per
+    expert) `logits` arrive sorted in descending order along the last dim, so order statistics
+    (median, quartiles) cost nothing; otherwise they come in the experts' own order.
+    """
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    label: str
+    monotone: bool = True  # p decreases with the logit whatever the null (then top-k by logit = by p)
+    needs_null: bool = False  # needs the layer's calibration (`null.pvalue`), hence `calibration=FILE`
+    params: tuple[str, ...] = ()  # the RoutingConfig fields it reads
+
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _IQR_TO_SIGMA = 1.0 / 1.3489795003921634  # IQR of a standard normal
 
 
 def _softmax_pvalues(sorted_logits: torch.Tensor, temperature: float, null=None) -> torch.Tensor:
-    """p = 1 - softmax probability (the original design; with many experts BH rarely rejects)."""
-    return 1.0 - torch.softmax(sorted_logits / temperature, dim=-1)
+    """p = 1 - softmax probability (the original design; with many experts BH rarely rejects).
+
+    logits / temperature are clamped to float32's finite range: a tiny temperature then gives the
+    largest logit p = 0 and the others p = 1 (its limit), never NaN.
+    """
+    big = torch.finfo(sorted_logits.dtype).max
+    return 1.0 - torch.softmax((sorted_logits / temperature).clamp(-big, big), dim=-1)
 
 
 def _quantile_sorted_desc(sorted_logits: torch.Tensor, q: float) -> torch.Tensor:
@@ -88,20 +114,36 @@ def _zscore_pvalues(sorted_logits: torch.Tensor, temperature: float, null=None) 
     return 0.5 * torch.erfc(z * _SQRT1_2)
 
 
-def _calibrated_pvalues(sorted_logits: torch.Tensor, temperature: float, null=None) -> torch.Tensor:
-    """p = (1 + #{null >= logit / temperature}) / (n + 1) from the layer's calibration (shared null only
-    here: a per-expert null needs the experts' identities, which `route` handles itself)."""
+def _calibrated_pvalues(logits: torch.Tensor, temperature: float, null=None) -> torch.Tensor:
+    """p = null.pvalue(logit / temperature): the upper tail of the layer's calibrated null (see
+    lm_eval_bh/calibration.py); a per-expert null needs the experts' own order."""
     if null is None:
         raise RoutingError("pvalue=calibrated needs the layer's calibration (null=...; see load_calibration)")
-    return null.pvalue(sorted_logits if temperature == 1.0 else sorted_logits / temperature)
+    return null.pvalue(logits if temperature == 1.0 else logits / temperature)
 
 
-PValueFn = Callable[..., torch.Tensor]
-PVALUES: dict[str, PValueFn] = {
-    "zscore": _zscore_pvalues,
-    "softmax": _softmax_pvalues,
-    "calibrated": _calibrated_pvalues,
+PVALUES: dict[str, PValueMethod] = {
+    spec.name: spec
+    for spec in (
+        PValueMethod("zscore", _zscore_pvalues, "zscore"),
+        PValueMethod("softmax", _softmax_pvalues, "softmax", params=("temperature",)),
+        PValueMethod("calibrated", _calibrated_pvalues, "calibrated", monotone=False, needs_null=True,
+                     params=("temperature", "calibration")),
+    )
 }
+
+
+def is_monotone(cfg: "RoutingConfig", null=None) -> bool:
+    """Whether the p-values order the experts exactly like the logits (then top-k by logit = top-k by p).
+
+    True for a monotone method; for a method with a null, when `null` is given and is not per expert
+    (without the null it cannot be known: False, the safe answer).
+    """
+    return _orders_like_logits(PVALUES[cfg.pvalue], null)
+
+
+def _orders_like_logits(spec: PValueMethod, null) -> bool:
+    return spec.monotone or (null is not None and not getattr(null, "per_expert", False))
 
 
 def _clean(logits: torch.Tensor) -> torch.Tensor:
@@ -114,53 +156,81 @@ def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(logits).all(dim=-1)
 
 
+def _check_logits(logits, name: str = "logits") -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or not logits.is_floating_point():
+        what = f"shape {tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise RoutingError(f"{name} must be a floating-point tensor of shape (tokens, experts), got {what}")
+
+
 def pvalues(logits: torch.Tensor, method: str = "zscore", temperature: float = 1.0, null=None) -> torch.Tensor:
     """P-values of every expert for each token, in the experts' own order (for analysis and tests)."""
-    x = _clean(logits)
-    if method == "calibrated":  # in the experts' own order, which a per-expert null needs
-        return _calibrated_pvalues(x, temperature, null)
+    from .config import check_temperature  # the argument checks live with the config
+
+    _check_logits(logits)
+    if method not in PVALUES:
+        raise RoutingError(f"method must be one of {', '.join(PVALUES)}; got {method!r}")
+    temperature = check_temperature(temperature)
+    spec, x = PVALUES[method], _clean(logits)
+    if not _orders_like_logits(spec, null):
+        return spec.fn(x, temperature, null)
     sorted_logits, order = x.sort(dim=-1, descending=True, stable=True)
-    p_sorted = PVALUES[method](sorted_logits, temperature, null)
+    p_sorted = spec.fn(sorted_logits, temperature, null)
     return torch.empty_like(p_sorted).scatter_(-1, order, p_sorted)
 
 
-def is_monotone(cfg: "RoutingConfig", null=None) -> bool:
-    """Whether the p-values order the experts exactly like the logits (then top-k by logit = top-k by p).
-
-    False only for ``pvalue=calibrated`` with a per-expert null (known from `null`, or read from the
-    calibration file's header when `null` is not given).
-    """
-    if cfg.pvalue != "calibrated":
-        return True
-    if null is not None:
-        return not getattr(null, "per_expert", False)
-    from .calibration import read_header  # torch/numpy only; imported lazily
-
-    return not bool(read_header(cfg.calibration).get("per_expert", False))
-
-
-# --- selection rules: sorted p-values -> how many experts --------------------------------------
+# --- selection rules: experts in p-value order -> how many to keep -------------------------------
 
 
 class Ranked(NamedTuple):
     """What a selection rule sees, per token, experts in selection order (p ascending, ties by larger
-    logit): `p` the p-values, `logits` the (cleaned, float32) logits, `by_logit` whether that order is
-    also descending logit order (true for monotone p-value methods)."""
+    logit): `p` the p-values, `logits` the (cleaned, float32) logits, `order` the experts' indices,
+    `by_logit` whether that order is also descending logit order (true for monotone p-value methods),
+    `null` the layer's calibration (or None)."""
 
     p: torch.Tensor
     logits: torch.Tensor
+    order: torch.Tensor
     by_logit: bool
+    null: Any = None
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """How many of a token's experts (in p-value order) to keep.
+
+    `fn(ranked, cfg)` returns the rule's count per token (T,) long, before the [min_k, max_k] clamp.
+    """
+
+    name: str
+    fn: Callable[[Ranked, "RoutingConfig"], torch.Tensor]
+    label: str
+    params: tuple[str, ...] = ()  # the RoutingConfig fields it reads besides min_k / max_k
+    uses_pvalues: bool = True  # False: the count ignores the p-values (they only order the experts)
+    needs_null: bool = False  # needs the layer's calibration (`calibration=FILE`)
+    fixed: bool = False  # the count is always max_k
+
+
+def _bh_factor(m: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """m / i for i = 1..m, correctly rounded to `dtype` (scipy's ``m / i``).
+
+    Computed in float64 and rounded once: for m <= 8192 this equals a float32 true division at every
+    rank (checked exhaustively in the tests), and it does not depend on how a backend divides in
+    float32 (torch's ``m / tensor`` is m * (1/i), which differs in the last bit at many ranks).
+    """
+    rank = torch.arange(1, m + 1, device=device, dtype=torch.float64)
+    return (torch.full_like(rank, m) / rank).to(dtype)  # tensor / tensor: a true division
 
 
 def _bh_count_p(p_sorted: torch.Tensor, alpha: float) -> torch.Tensor:
     """Benjamini-Hochberg step-up: the largest i with p_(i) * (m / i) <= alpha (0 if none).
 
-    Written exactly as scipy.stats.false_discovery_control adjusts (ps * (m / i)), so that the two
-    agree bit for bit in the same dtype.
+    The arithmetic of scipy.stats.false_discovery_control: q_i = p_(i) * (m / i) in the p-values'
+    dtype, compared with alpha in that dtype; its running minimum from the top rejects exactly
+    the ranks up to the largest i with q_i <= alpha, which is what is counted here.
     """
     m = p_sorted.shape[-1]
+    passed = p_sorted * _bh_factor(m, p_sorted.dtype, p_sorted.device) <= alpha
     rank = torch.arange(1, m + 1, device=p_sorted.device, dtype=p_sorted.dtype)
-    passed = p_sorted * (m / rank) <= alpha
     # the max is taken in the float dtype (exact for ranks up to 2^24): torch.compile's inductor fails on
     # an integer amax here (torch 2.11), and compiled routing is about 7x faster on a GPU
     return torch.where(passed, rank, 0.0).amax(dim=-1).long()
@@ -170,8 +240,13 @@ def benjamini_hochberg(pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     """Boolean rejection mask of the BH step-up procedure at level alpha over the last dimension.
 
     Computed in float64 if `pvalues` is float64, else float32; NaN p-values are never rejected.
-    Identical to ``scipy.stats.false_discovery_control(p, axis=-1) <= alpha``.
+    Identical to ``scipy.stats.false_discovery_control(p, axis=-1) <= alpha`` for p in the same dtype.
     """
+    from .config import check_alpha  # the argument checks live with the config
+
+    alpha = check_alpha(alpha)
+    if not isinstance(pvalues, torch.Tensor) or pvalues.dim() < 1:
+        raise RoutingError(f"pvalues must be a tensor with at least one dimension, got {pvalues!r}")
     p = pvalues if pvalues.dtype == torch.float64 else pvalues.float()
     p = p.nan_to_num(nan=1.0)
     p_sorted = p.sort(dim=-1).values
@@ -219,125 +294,15 @@ def _topk_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
     return torch.full(r.p.shape[:-1], k, dtype=torch.long, device=r.p.device)
 
 
-CountFn = Callable[[Ranked, "RoutingConfig"], torch.Tensor]
-SELECTIONS: dict[str, CountFn] = {"bh": _bh_count, "hc": _hc_count, "topp": _topp_count, "topk": _topk_count}
-
-
-# --- configuration -----------------------------------------------------------------------------
-
-MODES = ("patch", "analyze")
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """Routing settings. `max_k=None` and `renormalize=None` mean "the model's own" (top_k, norm_topk_prob).
-
-    `calibration` is the path of a file written by ``lm-eval-bh calibrate``; it is required iff
-    ``pvalue="calibrated"``. `top_p` is used by ``selection="topp"`` only.
-    """
-
-    alpha: float = 0.05
-    min_k: int = 1
-    max_k: int | None = None
-    temperature: float = 1.0
-    pvalue: str = "zscore"
-    selection: str = "bh"
-    renormalize: bool | None = None
-    mode: str = "patch"
-    calibration: str | None = None
-    top_p: float = 0.5
-
-    def __post_init__(self):
-        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("alpha", _as_float("alpha", self.alpha))
-        if not 0.0 < self.alpha < 1.0:
-            raise RoutingError(f"alpha must be in (0, 1), got {self.alpha!r}")
-        set_("temperature", _as_float("temperature", self.temperature))
-        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
-            raise RoutingError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        set_("top_p", _as_float("top_p", self.top_p))
-        if not 0.0 < self.top_p <= 1.0:
-            raise RoutingError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        set_("min_k", _as_int("min_k", self.min_k))
-        if self.max_k is not None:
-            set_("max_k", _as_int("max_k", self.max_k))
-        if self.min_k < 1:
-            raise RoutingError(f"min_k must be an integer >= 1, got {self.min_k!r}")
-        if self.max_k is not None and self.max_k < self.min_k:
-            raise RoutingError(f"max_k must be an integer >= min_k ({self.min_k}), got {self.max_k!r}")
-        for name, allowed in (("pvalue", PVALUES), ("selection", SELECTIONS), ("mode", MODES)):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise RoutingError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
-        if self.renormalize is not None:
-            set_("renormalize", _as_bool("renormalize", self.renormalize))
-        if self.calibration is not None:
-            if not isinstance(self.calibration, (str, os.PathLike)) or not str(self.calibration):
-                raise RoutingError(f"calibration must be the path of a calibration file, got {self.calibration!r}")
-            set_("calibration", str(self.calibration))
-        if self.pvalue == "calibrated":
-            if self.calibration is None:
-                raise RoutingError(
-                    "calibration must be set to a file from `lm-eval-bh calibrate` when pvalue=calibrated"
-                )
-            if not os.path.isfile(self.calibration):
-                raise RoutingError(f"calibration file not found: {self.calibration}")
-        elif self.calibration is not None:
-            raise RoutingError(
-                f"calibration is only used with pvalue=calibrated; got calibration={self.calibration!r} "
-                f"with pvalue={self.pvalue}"
-            )
-
-    def resolve(self, num_experts: int, top_k: int, norm_topk_prob: bool) -> "RoutingConfig":
-        """Fill the model-dependent defaults and check the bounds against the model."""
-        max_k = top_k if self.max_k is None else self.max_k
-        if self.min_k > num_experts:
-            raise RoutingError(f"min_k must be between 1 and the number of experts ({num_experts}), got {self.min_k}")
-        if max_k > num_experts:
-            raise RoutingError(f"max_k must be between min_k and the number of experts ({num_experts}), got {max_k}")
-        if max_k < self.min_k:
-            raise RoutingError(f"max_k must be >= min_k ({self.min_k}), got {max_k} (the model's top_k)")
-        renormalize = norm_topk_prob if self.renormalize is None else self.renormalize
-        return RoutingConfig(**{**asdict(self), "max_k": max_k, "renormalize": bool(renormalize)})
-
-    @property
-    def fixed_k(self) -> bool:
-        return self.max_k is not None and (self.min_k == self.max_k or self.selection == "topk")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def _as_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise RoutingError(f"{name} must be a number, got {value!r}")
-    try:
-        return float(value)
-    except ValueError:
-        raise RoutingError(f"{name} must be a number, got {value!r}") from None
-
-
-def _as_int(name: str, value) -> int:
-    # lm-eval's CLI turns "8" into 8 but "-1" into -1.0: accept integral floats, refuse 2.5 and "x".
-    if isinstance(value, bool):
-        raise RoutingError(f"{name} must be an integer, got {value!r}")
-    try:
-        f = float(value)
-    except (TypeError, ValueError):
-        raise RoutingError(f"{name} must be an integer, got {value!r}") from None
-    if not f.is_integer():
-        raise RoutingError(f"{name} must be an integer, got {value!r}")
-    return int(f)
-
-
-def _as_bool(name: str, value) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    if isinstance(value, (int, float)) and value in (0, 1):
-        return bool(value)
-    raise RoutingError(f"{name} must be true or false, got {value!r}")
+SELECTIONS: dict[str, SelectionRule] = {
+    spec.name: spec
+    for spec in (
+        SelectionRule("bh", _bh_count, "bh", params=("alpha",)),
+        SelectionRule("hc", _hc_count, "hc"),
+        SelectionRule("topp", _topp_count, "topp", params=("top_p",), uses_pvalues=False),
+        SelectionRule("topk", _topk_count, "topk", uses_pvalues=False, fixed=True),
+    )
+}
 
 
 # --- the router -------------------------------------------------------------------------------
@@ -346,54 +311,82 @@ def _as_bool(name: str, value) -> bool:
 class Routed(NamedTuple):
     """Selected experts per token: `index` (T, max_k) with padding = num_experts, `weight` (T, max_k)
     float32 with padding = 0, `k` (T,) the number of real slots, `nonfinite` (T,) bool, True where
-    the token's router logits had a NaN or an infinity."""
+    the token's router logits (or, in a degenerate case, its p-values) had a NaN or an infinity,
+    `discoveries` (T,) long the selection rule's count before the [min_k, max_k] clamp, and `pvalues`
+    (T, E) float32 the p-values the rule saw, in selection order (ascending; experts in `index` order)."""
 
     index: torch.Tensor
     weight: torch.Tensor
     k: torch.Tensor
     nonfinite: torch.Tensor | None = None
+    discoveries: torch.Tensor | None = None
+    pvalues: torch.Tensor | None = None
 
 
-def _rank(x: torch.Tensor, cfg: RoutingConfig, null) -> tuple[Ranked, torch.Tensor]:
-    """Experts in selection order: (Ranked, order) from cleaned float32 logits `x`."""
-    if cfg.pvalue == "calibrated" and getattr(null, "per_expert", False):
-        # per-expert nulls are not monotone in the logit across experts: order by p, ties by the larger
-        # logit, with two stable sorts (logit descending, then p ascending).
-        p = _calibrated_pvalues(x, cfg.temperature, null)
+class Selection(NamedTuple):
+    """`select_count`'s result: per token, `logits` and expert `order` in selection order, the clamped
+    count `k`, the rule's unclamped count `discoveries`, the sorted `pvalues`, and `bad_p` (T,) bool,
+    True where a p-value came out NaN (then treated as 1)."""
+
+    logits: torch.Tensor
+    order: torch.Tensor
+    k: torch.Tensor
+    discoveries: torch.Tensor
+    pvalues: torch.Tensor
+    bad_p: torch.Tensor
+
+
+def _rank(x: torch.Tensor, cfg: "RoutingConfig", null) -> Ranked:
+    """Experts in selection order, from cleaned float32 logits `x`."""
+    spec = PVALUES[cfg.pvalue]
+    if not is_monotone(cfg, null):
+        # p is not monotone in the logit across experts (a per-expert null): order by p, ties by the
+        # larger logit, with two stable sorts (logit descending, then p ascending).
+        p = spec.fn(x, cfg.temperature, null)
         by_logit, order1 = x.sort(dim=-1, descending=True, stable=True)
         p_sorted, order2 = p.gather(-1, order1).sort(dim=-1, stable=True)
-        return Ranked(p_sorted, by_logit.gather(-1, order2), False), order1.gather(-1, order2)
+        return Ranked(p_sorted, by_logit.gather(-1, order2), order1.gather(-1, order2), False, null)
     sorted_logits, order = x.sort(dim=-1, descending=True, stable=True)
-    p_sorted = PVALUES[cfg.pvalue](sorted_logits, cfg.temperature, null)
-    return Ranked(p_sorted, sorted_logits, True), order
+    return Ranked(spec.fn(sorted_logits, cfg.temperature, null), sorted_logits, order, True, null)
 
 
-def _dead_k(cfg: RoutingConfig) -> int:
+def _dead_k(cfg: "RoutingConfig") -> int:
     """k for a token with no finite logit: min_k, or max_k when k is fixed (no padding may appear)."""
     return cfg.max_k if cfg.fixed_k else cfg.min_k
 
 
-def select_count(
-    logits: torch.Tensor, cfg: RoutingConfig, null=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Order experts by p-value and count how many each token keeps: (logits in that order, order, k).
+def _check_config(cfg, num_experts: int) -> None:
+    if not all(hasattr(cfg, f) for f in ("pvalue", "selection", "min_k", "max_k", "renormalize")):
+        raise RoutingError(f"cfg must be a RoutingConfig, got {type(cfg).__name__}")
+    if cfg.max_k is None or cfg.renormalize is None:
+        raise RoutingError("cfg must be resolved against the model first: cfg.resolve(num_experts, top_k, norm_topk_prob)")
+    if cfg.max_k > num_experts:
+        raise RoutingError(f"max_k must be between min_k and the number of experts ({num_experts}), got {cfg.max_k}")
+
+
+def select_count(logits: torch.Tensor, cfg: "RoutingConfig", null=None) -> Selection:
+    """Order experts by p-value and count how many each token keeps (see `Selection`).
 
     Rows with no finite logit get k = `_dead_k(cfg)` (see `route`).
     """
-    x = _clean(logits)
-    ranked, order = _rank(x, cfg, null)
-    k = SELECTIONS[cfg.selection](ranked, cfg).clamp(cfg.min_k, cfg.max_k)
+    _check_logits(logits)
+    _check_config(cfg, logits.shape[-1])
+    ranked = _rank(_clean(logits), cfg, null)
+    bad = torch.isnan(ranked.p)  # only a degenerate method/null could produce one: count it, treat as p = 1
+    ranked = ranked._replace(p=ranked.p.masked_fill(bad, 1.0))
+    discoveries = SELECTIONS[cfg.selection].fn(ranked, cfg)
     dead = ranked.logits[..., 0] == NONFINITE_LOGIT  # the best expert is non-finite: all are
-    k = torch.where(dead, _dead_k(cfg), k)
-    return ranked.logits, order, k
+    k = torch.where(dead, _dead_k(cfg), discoveries.clamp(cfg.min_k, cfg.max_k))
+    return Selection(ranked.logits, ranked.order, k, discoveries, ranked.p, bad.any(dim=-1))
 
 
-def route(logits: torch.Tensor, cfg: RoutingConfig, null=None) -> Routed:
+def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None) -> Routed:
     """Route each token (row of `logits`, shape (T, E)) to between min_k and max_k experts.
 
     `cfg` must be resolved (`cfg.resolve(...)`, so max_k is set); `null` is this layer's calibration
-    (an element of `calibration.load_calibration(...)`, on the logits' device) when
-    ``cfg.pvalue == "calibrated"``, else ignored.
+    (duck-typed: ``null.pvalue(x)``, ``null.per_expert``; an element of
+    `calibration.load_calibration(...)`, on the logits' device) when the p-value method or the
+    selection rule needs one, else ignored.
 
     Weights are the router's softmax probabilities of the selected experts (renormalised over the
     selected ones when `cfg.renormalize`), matching the stock router at min_k = max_k = top_k.
@@ -405,17 +398,27 @@ def route(logits: torch.Tensor, cfg: RoutingConfig, null=None) -> Routed:
     (k0 = max_k when k is fixed: min_k == max_k or selection=topk, so no padding slot appears).
     Weights are never NaN. `Routed.nonfinite` flags the affected tokens for counting.
     """
+    sel = select_count(logits, cfg, null)  # checks the arguments
     num_experts, max_k = logits.shape[-1], cfg.max_k
-    nonfinite = nonfinite_rows(logits)
-    sorted_logits, order, k = select_count(logits, cfg, null)
+    k = sel.k
     valid = torch.arange(max_k, device=logits.device) < k.unsqueeze(-1)
-    top_probs = torch.softmax(sorted_logits, dim=-1)[..., :max_k]
+    top_probs = torch.softmax(sel.logits, dim=-1)[..., :max_k]
     weight = torch.where(valid, top_probs, 0.0)
     if cfg.renormalize:
         total = weight.sum(dim=-1, keepdim=True)
         # all selected probabilities can underflow to 0 only with a per-expert null: then uniform 1/k
         weight = torch.where(total > 0, weight / total.clamp_min(torch.finfo(weight.dtype).tiny), valid / k.unsqueeze(-1))
-    dead = (sorted_logits[..., :1] == NONFINITE_LOGIT)  # (T, 1): no finite logit in the row
+    dead = sel.logits[..., :1] == NONFINITE_LOGIT  # (T, 1): no finite logit in the row
     weight = torch.where(dead, valid.float() / _dead_k(cfg), weight)
-    index = torch.where(valid, order[..., :max_k], num_experts)
-    return Routed(index, weight, k, nonfinite)
+    index = torch.where(valid, sel.order[..., :max_k], num_experts)
+    return Routed(index, weight, k, nonfinite_rows(logits) | sel.bad_p, sel.discoveries, sel.pvalues)
+
+
+def __getattr__(name: str):
+    # RoutingConfig lives in lm_eval_bh/config.py, which imports this module's registries; it stays
+    # importable from here (`from lm_eval_bh.routing import RoutingConfig`) without an import cycle.
+    if name == "RoutingConfig":
+        from .config import RoutingConfig
+
+        return RoutingConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

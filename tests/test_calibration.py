@@ -113,7 +113,7 @@ def test_save_load_round_trip(tmp_path, ext, per_expert):
     assert len(nulls) == 3 and nulls[0].per_expert is per_expert and nulls[0].device.type == "cpu"
     torch.testing.assert_close(nulls[2].samples, torch.from_numpy(null[2]))
     cfg = RoutingConfig(pvalue="calibrated", calibration=path)
-    assert routing.is_monotone(cfg) is (not per_expert)
+    assert routing.is_monotone(cfg, nulls[0]) is (not per_expert)
 
 
 def test_load_errors_are_one_line(tmp_path):

@@ -47,9 +47,9 @@ def test_padding_convention(selection, pvalue):
     assert torch.equal(r.index == E, ~valid)
     assert (r.weight[~valid] == 0).all() and (r.weight[valid] > 0).all()
     # the selected experts are distinct and are the first k of the p-value order
-    sorted_logits, order, k = routing.select_count(x, c)
-    assert torch.equal(k, r.k)
-    assert torch.equal(torch.where(valid, order[:, :6], E), r.index)
+    sel = routing.select_count(x, c)
+    assert torch.equal(sel.k, r.k) and torch.equal(sel.discoveries, r.discoveries)
+    assert torch.equal(torch.where(valid, sel.order[:, :6], E), r.index)
 
 
 def test_config_errors(tmp_path):
@@ -77,7 +77,8 @@ def test_calibrated_needs_null(tmp_path):
     c = RoutingConfig(pvalue="calibrated", calibration=path).resolve(E, 4, False)
     with pytest.raises(RoutingError, match="null="):
         route(logits(), c)
-    assert routing.is_monotone(c)
+    assert not routing.is_monotone(c)  # unknown without the null: the safe answer
+    assert routing.is_monotone(c, LayerNull(torch.linspace(-3, 3, 99)))
     assert routing.is_monotone(cfg())
 
 
@@ -137,3 +138,147 @@ def test_temperature_scales_calibrated_logits():
     p2 = routing.pvalues(x, "calibrated", 2.0, null)
     torch.testing.assert_close(p2, routing.pvalues(x / 2, "calibrated", 1.0, null))
     assert (p2[0, :2] > p1[0, :2]).all()
+
+
+# --- the spec registries, labels and the public functions' argument checks ---------------------------
+
+_CAL_NULL = LayerNull(torch.linspace(-3, 3, 99))
+_OTHER = {"alpha": 0.2, "top_p": 0.9, "temperature": 2.0, "pvalue": "softmax"}
+
+
+def _configs(tmp_path):
+    """One resolved config per (selection, p-value method), with a real calibration file where needed."""
+    path = save_calibration(tmp_path / "c.json", Calibration(torch.randn(1, 100).sort().values.numpy(), {"num_experts": E}))
+    for sel in routing.SELECTIONS:
+        for pv, spec in routing.PVALUES.items():
+            kw = {"calibration": path} if spec.needs_null else {}
+            yield RoutingConfig(selection=sel, pvalue=pv, min_k=1, max_k=6, **kw)
+
+
+def test_label_shows_exactly_the_parameters_that_change_routing(tmp_path):
+    """Change one field: the label and the id change iff the routing of some logits changes."""
+    x = logits(400, seed=4)
+    ids = set()
+    for c in _configs(tmp_path):
+        null = _CAL_NULL if routing.PVALUES[c.pvalue].needs_null else None
+        base = route(x, c.resolve(E, 4, False), null=null)
+        for field, value in _OTHER.items():
+            if field == "pvalue" and c.calibration is not None:
+                continue  # another method would refuse the calibration file
+            other = RoutingConfig(**{**c.as_dict(), field: value})
+            r = route(x, other.resolve(E, 4, False), null=null)
+            changed = not (torch.equal(r.index, base.index) and torch.equal(r.weight, base.weight))
+            shown = other.label() != c.label()
+            assert shown == (other.setting_id() != c.setting_id()), (c.label(), field)
+            if changed:
+                assert shown, (c.label(), field)
+            if field != "pvalue" and field not in routing.SELECTIONS[c.selection].params \
+                    and field not in routing.PVALUES[c.pvalue].params:
+                assert not shown, (c.label(), field)  # a parameter the rule and method never read
+        ids.add(c.setting_id())
+        assert "/" not in c.setting_id() and " " not in c.setting_id()
+    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - 2  # topk: the method cannot matter
+
+
+def test_label_examples():
+    assert RoutingConfig(alpha=0.05, max_k=8).label() == "bh/zscore alpha=0.05 k=1..8"
+    assert RoutingConfig(alpha=0.05, max_k=8).setting_id() == "bh-zscore_a0.05_k1-8"
+    assert RoutingConfig(selection="topp", pvalue="softmax", top_p=0.7, alpha=0.3, max_k=8).label() == "topp top_p=0.7 k=1..8"
+    assert RoutingConfig(min_k=4, max_k=4, alpha=0.3, selection="hc").label() == "top-4"
+    assert RoutingConfig(selection="topk", max_k=4).setting_id() == "topk4"
+    assert RoutingConfig(pvalue="softmax", temperature=2, max_k=8).label() == "bh/softmax alpha=0.05 k=1..8 T=2"
+    assert RoutingConfig(temperature=2, max_k=8).label() == "bh/zscore alpha=0.05 k=1..8"  # zscore ignores T
+    assert RoutingConfig(mode="analyze", renormalize=True, max_k=8).setting_id() == "analyze_bh-zscore_a0.05_k1-8_renorm"
+    # distinct values give distinct ids (shortest round-trip text, not 6 significant digits)
+    assert RoutingConfig(alpha=0.05).setting_id() != RoutingConfig(alpha=0.0500001).setting_id()
+
+
+def test_registry_specs_are_consistent():
+    for name, spec in routing.PVALUES.items():
+        assert spec.name == name and callable(spec.fn)
+        assert set(spec.params) <= set(RoutingConfig.__dataclass_fields__)
+    for name, spec in routing.SELECTIONS.items():
+        assert spec.name == name and callable(spec.fn)
+        assert set(spec.params) <= set(RoutingConfig.__dataclass_fields__)
+
+
+def test_routing_is_pure_maths():
+    """routing.py imports torch and the error types only: no calibration, no files, no config cycle."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(routing))
+    top_level = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+    top_level |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
+    assert top_level <= {"__future__", "math", "dataclasses", "typing", "torch", "errors"}, top_level
+    src = inspect.getsource(routing)
+    assert "from .calibration" not in src and "os.path" not in src and "open(" not in src
+
+
+def test_routed_reports_discoveries_and_pvalues():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(300, E, generator=g) * 2.0
+    x[:100, :3] += 12.0  # three strong signals: BH finds more than max_k = 2
+    c = cfg(alpha=0.2, min_k=1, max_k=2)
+    r = route(x, c)
+    mask = routing.benjamini_hochberg(routing.pvalues(x, "zscore"), 0.2)
+    assert torch.equal(r.discoveries, mask.sum(-1))
+    assert torch.equal(r.k, r.discoveries.clamp(1, 2))
+    assert (r.discoveries[:100] > 2).all() and (r.discoveries[100:] < 1).any()  # both clamps happen
+    assert torch.equal(r.pvalues, routing.pvalues(x, "zscore").sort(dim=-1).values)
+    # the p-values come in the order of the selected experts
+    assert torch.equal(r.pvalues[:, :2].gather(-1, torch.zeros(300, 1, dtype=torch.long)),
+                       routing.pvalues(x, "zscore").gather(-1, r.index[:, :1]))
+
+
+def test_public_functions_reject_bad_arguments_in_one_line():
+    x = logits(8)
+    cases = [
+        (lambda: route(x[0], cfg()), "logits must be a floating-point tensor of shape \\(tokens, experts\\)"),
+        (lambda: route(x, RoutingConfig()), "cfg must be resolved"),
+        (lambda: route(x, {"alpha": 0.05}), "cfg must be a RoutingConfig"),
+        (lambda: route(x, RoutingConfig(max_k=E + 1).resolve(E + 1, 4, False)), "max_k must be between"),
+        (lambda: routing.benjamini_hochberg(torch.rand(3, 5), 2), "alpha must be in \\(0, 1\\)"),
+        (lambda: routing.benjamini_hochberg(torch.rand(3, 5), math.nan), "alpha must be in \\(0, 1\\)"),
+        (lambda: routing.benjamini_hochberg(torch.rand(3, 5), 1e-320), "alpha must be at least"),
+        (lambda: routing.pvalues(x, "softmax", temperature=-1), "temperature must be a finite number > 0"),
+        (lambda: routing.pvalues(x, "softmax", temperature=1e-45), "temperature must be between"),
+        (lambda: routing.pvalues(x, "nope"), "method must be one of zscore, softmax, calibrated"),
+        (lambda: RoutingConfig(alpha=1e-320), "alpha must be at least"),
+        (lambda: RoutingConfig(temperature=1e-45), "temperature must be between"),
+        (lambda: RoutingConfig(temperature="1e300"), "temperature must be between"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RoutingError, match=message) as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_extreme_temperatures_give_defined_pvalues():
+    """The smallest and largest temperatures allowed: softmax p-values stay in [0, 1], never NaN."""
+    x = logits(50, seed=9)
+    x[0] = math.nan  # a dead row too
+    for t in (torch.finfo(torch.float32).tiny, 1e-30, 1e30, torch.finfo(torch.float32).max):
+        p = routing.pvalues(x, "softmax", temperature=t)
+        assert torch.isfinite(p).all() and ((p >= 0) & (p <= 1)).all(), t
+        r = route(x, cfg(pvalue="softmax", temperature=t, alpha=0.5))
+        assert not r.nonfinite[1:].any() and torch.isfinite(r.weight).all()
+    # the limit of a tiny temperature: the largest logit gets p = 0, the rest p = 1
+    p = routing.pvalues(x[1:], "softmax", temperature=1e-30)
+    assert torch.equal(p.min(-1).values, torch.zeros(49)) and (p.sort(-1).values[:, 1:] == 1).all()
+
+
+def test_nan_pvalues_are_counted_and_never_selected():
+    class NaNNull:  # a broken null (duck-typed) whose p-values are NaN for large logits
+        per_expert = False
+
+        def pvalue(self, x):
+            return torch.where(x > 3.0, math.nan, 0.9)
+
+    c = RoutingConfig(min_k=1, max_k=4, alpha=0.5).resolve(E, 4, False)
+    object.__setattr__(c, "pvalue", "calibrated")
+    x = logits(20, seed=3)
+    r = route(x, c, null=NaNNull())
+    has_nan = (x > 3.0).any(-1)
+    assert 0 < has_nan.sum() < 20
+    assert torch.equal(r.nonfinite, has_nan) and (r.k == 1).all() and not r.pvalues.isnan().any()

@@ -222,7 +222,7 @@ def _hc_k(p, min_k=1, max_k=None):
     p = torch.tensor([p], dtype=torch.float32)
     m = p.shape[-1]
     cfg = RoutingConfig(selection="hc", min_k=min_k, max_k=max_k or m).resolve(m, m, False)
-    return routing.SELECTIONS["hc"](routing.Ranked(p, -p, True), cfg).item()
+    return routing.SELECTIONS["hc"].fn(routing.Ranked(p, -p, torch.arange(m).expand_as(p), True), cfg).item()
 
 
 def _hc_reference(p, min_k, max_k):

@@ -29,7 +29,7 @@ from ..errors import UsageError
 from ..model_args import ROUTING_ARGS, parse_model_args
 from ..calibration import Calibration, NullSampler, save_calibration
 from ..families import find_moe_layers
-from ..routing import RoutingError
+from ..errors import RoutingError
 
 __all__ = ["add_arguments", "run", "calibrate_model", "find_routers", "read_texts", "task_texts", "token_batches"]
 

@@ -160,16 +160,17 @@ def _setting_label(settings: dict) -> tuple[str, str, int | None, float]:
     if fixed is not None:
         fixed = int(fixed)
         return f"olmoe_bh top-{fixed}", FIXED_RULE, fixed, math.nan
-    rule = sel if sel == "topp" else f"{sel}/{pv}"  # top-p reads the softmax mass, not the p-values
+    from ..routing import SELECTIONS
+
+    spec = SELECTIONS.get(sel)
+    # top-p reads the softmax mass, not the p-values
+    rule = sel if spec is not None and not spec.uses_pvalues else f"{sel}/{pv}"
     if settings.get("mode") == "analyze":
         # analyze mode routes with the stock top-k and only records what the rule would pick:
         # its accuracy is top-k's, so it is its own curve and never a matched-cost point
         rule = ANALYZE_PREFIX + rule
     parts = [rule]
-    if sel == "topp":
-        parts.append(f"top_p={settings.get('top_p')}")
-    else:
-        parts.append(f"alpha={settings.get('alpha')}")
+    parts += [f"{name}={settings.get(name)}" for name in (spec.params if spec is not None else ("alpha",))]
     parts.append(f"k={min_k}..{max_k}")
     temp = settings.get("temperature")
     if temp is not None and _as_float(temp) != 1.0:

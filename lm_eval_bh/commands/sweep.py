@@ -118,11 +118,17 @@ def setting_id(routing: dict) -> str:
     """File-name-safe id of a setting, e.g. 'topk8', 'bh-zscore_a0.05_k1-8', 'topp-zscore_p0.9_k1-8'."""
     if routing["min_k"] == routing["max_k"]:
         sid = f"topk{routing['max_k']}"
-    elif routing["selection"] == "topp":
-        sid = f"topp-{routing['pvalue']}_p{_fmt(routing['top_p'])}_k{routing['min_k']}-{routing['max_k']}"
+    elif "top_p" in _rule(routing["selection"]).params:
+        sid = f"{routing['selection']}-{routing['pvalue']}_p{_fmt(routing['top_p'])}_k{routing['min_k']}-{routing['max_k']}"
     else:
         sid = f"{routing['selection']}-{routing['pvalue']}_a{_fmt(routing['alpha'])}_k{routing['min_k']}-{routing['max_k']}"
     return sid.replace("/", "_")
+
+
+def _rule(name: str):
+    from lm_eval_bh.routing import SELECTIONS
+
+    return SELECTIONS[name]
 
 
 def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[tuple[str, dict]]:
@@ -131,7 +137,7 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[t
 
     alphas = _floats("--alphas", args.alphas, 0.0, 1.0, "numbers strictly between 0 and 1")
     pvalues = _choices("--pvalues", args.pvalues, list(PVALUES))
-    selections = _choices("--selections", args.selections, list(SELECTIONS) + ["topk"])
+    selections = _choices("--selections", args.selections, list(SELECTIONS))
     min_k = _int("--min_k", args.min_k, 1, num_experts)
     max_k = top_k if args.max_k is None else _int("--max_k", args.max_k, min_k, num_experts)
     if args.topk is None:
@@ -145,10 +151,10 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[t
     for k in topks:
         grid.append({**base_routing, "min_k": k, "max_k": k})
     for sel in selections:
-        if sel == "topk":
+        if SELECTIONS[sel].fixed:
             continue  # fixed top-k comes from --topk
         for pv in pvalues:
-            if sel == "topp":
+            if "top_p" in SELECTIONS[sel].params:
                 for p in _floats("--top_ps", args.top_ps, 0.0, 1.0, "numbers strictly between 0 and 1"):
                     grid.append({**base_routing, "selection": sel, "pvalue": pv, "top_p": p,
                                  "min_k": min_k, "max_k": max_k})
