@@ -47,6 +47,64 @@ def test_bh_matches_scipy_on_10000_cases():
     assert total >= 10_000
 
 
+def _boundary_cases(rng, m, alpha, dtype, rows=8):
+    """rows x m p-values in `dtype` sitting on the BH thresholds i*alpha/m or one ulp either side.
+
+    The thresholds are computed two ways (alpha*i/m and alpha/(m/i), in `dtype`), so some give
+    p*(m/i) exactly alpha and some one rounding off; ties come from drawing the same value twice. Row 0
+    is the staircase p_(i) = i*alpha/m, row 2 one threshold repeated m times.
+    """
+    i = np.arange(1, m + 1).astype(dtype)
+    a = dtype(alpha)
+    thr = np.stack([a * i / dtype(m), a / (dtype(m) / i)])
+    cand = np.concatenate([thr, np.nextafter(thr, dtype(1)), np.nextafter(thr, dtype(0))]).astype(dtype)
+    pick = cand[rng.integers(0, 6, (rows, m)), rng.integers(0, m, (rows, m))]
+    p = np.where(rng.uniform(size=(rows, m)) < 0.7, pick, rng.uniform(size=(rows, m)).astype(dtype))
+    p[0] = cand[0]
+    p[1] = cand[rng.integers(0, 6)]
+    p[2] = cand[rng.integers(0, 6), rng.integers(0, m)]
+    return np.clip(p, 0, 1).astype(dtype)
+
+
+class _PValuesAsLogits:
+    """A duck-typed shared null whose p-value of logit x is -x: route() then sees given p-values."""
+
+    per_expert = False
+
+    def pvalue(self, x):
+        return -x
+
+
+def test_bh_exact_at_the_thresholds_for_every_m():
+    """benjamini_hochberg and the router's count equal scipy's ``false_discovery_control(p) <= alpha``
+    for every m in 2..512, float32 and float64, with p-values on the thresholds, one ulp either side,
+    and ties (the cases where m * (1/i) instead of m / i flips a decision)."""
+    rng = np.random.default_rng(0)
+    alphas = (0.05, 0.1, 0.01, 0.2, 0.001, 0.3, 0.0137)
+    rows = 0
+    for m in range(2, 513):
+        alpha = alphas[m % len(alphas)]
+        for dtype in (np.float32, np.float64):
+            p = _boundary_cases(rng, m, alpha, dtype)
+            ref = stats.false_discovery_control(p, axis=-1) <= dtype(alpha)
+            assert np.array_equal(benjamini_hochberg(torch.from_numpy(p), alpha).numpy(), ref), (m, dtype)
+            rows += len(p)
+        # the router computes in float32: its count before clamping is scipy's on float32 p-values
+        cfg = RoutingConfig(alpha=alpha, min_k=1, max_k=m).resolve(m, m, False)
+        object.__setattr__(cfg, "pvalue", "calibrated")  # the null is given directly, no file
+        r = route(-torch.from_numpy(p.astype(np.float32)), cfg, null=_PValuesAsLogits())
+        ref32 = stats.false_discovery_control(p.astype(np.float32), axis=-1) <= np.float32(alpha)
+        assert np.array_equal(r.discoveries.numpy(), ref32.sum(-1)), m
+    assert rows == 511 * 2 * 8
+
+
+def test_bh_factor_is_a_true_division():
+    """m / i rounded once to float32 (what scipy computes for float32 p-values) at every rank, m <= 8192."""
+    for m in range(1, 8193):
+        ours = routing._bh_factor(m, torch.float32, "cpu").numpy()
+        assert np.array_equal(ours, np.float32(m) / np.arange(1, m + 1, dtype=np.float32)), m
+
+
 def test_bh_handles_nan_and_float32():
     p = torch.tensor([[0.001, math.nan, 0.02, 0.9]])
     assert benjamini_hochberg(p, 0.05).tolist() == [[True, False, True, False]]
