@@ -9,6 +9,9 @@ task they belong to. The statistics land in the results file under `config.routi
 from __future__ import annotations
 
 import contextlib
+import inspect
+import os
+import threading
 from collections import Counter, defaultdict
 
 import lm_eval.models  # noqa: F401  (registers lm-eval's own models first; see lm_eval_bh._startup)
@@ -19,12 +22,56 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from .errors import RoutingError
 from .families import config_shape
-from .model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
+from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
 from .patch import BHRouting
 from .config import RoutingConfig, _as_bool
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
 
+
+
+# Arguments HFLM itself consumes (everything else goes on to from_pretrained and the model config).
+_HFLM_ARGS = {name for f in (HFLM.__init__, HFLM._create_model) for name in inspect.signature(f).parameters}
+
+
+def _cannot_load(pretrained: str, reason: str) -> str:
+    return (f"could not load the model '{pretrained}' ({reason}); give pretrained=<a local folder with the "
+            "model's config, weights and tokenizer>, or try everything offline with `lm-eval-bh demo`")
+
+
+def _hub_reachable_or_unneeded(pretrained: str, timeout: float = 3.0) -> bool:
+    """False only when `pretrained` must come from the hub and the hub does not answer within `timeout`.
+
+    Without this an unreachable hub costs several retries (a minute here) before the same error.
+    Skipped (True) for local folders, offline mode, cached models and behind a proxy.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from urllib.parse import urlparse
+
+    if os.path.isdir(pretrained) or constants.HF_HUB_OFFLINE or any(
+        os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+    ):
+        return True
+    try:
+        if isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
+            return True
+    except Exception:  # not a repo id: let transformers say why
+        return True
+    url = urlparse(constants.ENDPOINT)
+    reached = []
+
+    def probe():
+        import socket
+
+        with contextlib.suppress(OSError), socket.create_connection(
+            (url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout
+        ):
+            reached.append(True)
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread: name resolution has no timeout
+    thread.start()
+    thread.join(timeout)
+    return bool(reached)
 
 
 @register_model("moe_bh")
@@ -39,13 +86,28 @@ class MoEBHLM(HFLM):
         self._compile_router = None if compile_router is None else _as_bool("compile_router", compile_router)
         self._real_inputs: set[int] | None = None
         self._rank_totals: dict = {}
+        self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         super().__init__(pretrained=pretrained, **kwargs)
         self.routing = BHRouting(self.routing_config, compile=self._compile_router).patch(self.model)
 
     def _get_config(self, pretrained, **kwargs) -> None:
-        """Check the model type and the expert bounds from the config, before the weights load."""
-        super()._get_config(pretrained, **kwargs)
+        """Check the model, the expert bounds and the model_args from the config, before the weights load."""
+        if isinstance(pretrained, str) and pretrained.startswith(("/", "./", "../", "~")) and not os.path.isdir(
+            os.path.expanduser(pretrained)
+        ):
+            raise RoutingError(_cannot_load(pretrained, "no such folder"))
+        if isinstance(pretrained, str) and not _hub_reachable_or_unneeded(pretrained):
+            raise RoutingError(_cannot_load(pretrained, "the model hub cannot be reached from here"))
+        try:
+            super()._get_config(pretrained, **kwargs)
+        except OSError as e:
+            raise RoutingError(_cannot_load(pretrained, str(e).strip().split("\n")[0])) from None
         self.routing_config.resolve(*config_shape(self._config, source=str(pretrained)))
+        for name in sorted(self._downstream_args):
+            guess = closest_lm_arg(name)
+            if guess and not hasattr(self._config, name):  # a config field passes through (it overrides the config)
+                raise RoutingError(f"unknown model_arg '{name}': did you mean '{guess}'? "
+                                   f"(routing arguments: {', '.join(LM_ARGS)})")
 
     def set_routing(self, **settings) -> None:
         """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""

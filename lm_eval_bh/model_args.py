@@ -8,11 +8,12 @@ does: a JSON object, or ``key=value`` pairs split on top-level commas, values co
 
 from __future__ import annotations
 
+import difflib
 from typing import Any
 
 from .errors import UsageError
 
-__all__ = ["DEFAULT_PRETRAINED", "ROUTING_ARGS", "LM_ARGS", "parse_model_args"]
+__all__ = ["DEFAULT_PRETRAINED", "ROUTING_ARGS", "LM_ARGS", "closest_lm_arg", "parse_model_args"]
 
 DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
 
@@ -48,3 +49,14 @@ def parse_model_args(model_args: str | dict | None) -> dict[str, Any]:
         key, value = part.split("=", 1)
         out[key.strip()] = handle_cli_value_string(value.strip())
     return out
+
+
+def _squash(name: str) -> str:
+    return name.lower().replace("-", "").replace("_", "")
+
+
+def closest_lm_arg(name: str) -> str | None:
+    """The argument of ours that `name` looks like a typo of (`alpah`, `min-k`, `maxk`), else None."""
+    squashed = {_squash(a): a for a in LM_ARGS}
+    match = difflib.get_close_matches(_squash(name), list(squashed), n=1, cutoff=0.75)
+    return squashed[match[0]] if match and name not in LM_ARGS and not name.startswith("__") else None

@@ -222,6 +222,83 @@ def test_olmoe_bh_defaults_to_olmoe_1b_7b(monkeypatch):
         get_model("olmoe_bh").create_from_arg_string("alpha=0.05", {"device": "cpu"})
 
 
+# --- first contact: typos and unreachable models are one line, before any weights load --------
+
+def test_cli_typo_of_a_routing_argument_names_the_closest_one(tiny_model_dir):
+    proc = _run([
+        "lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpah=0.1",
+        "--device", "cpu", "--tasks", "mmlu_dev_offline", "--include_path", TASKS,
+    ])
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown model_arg 'alpah': did you mean 'alpha'?")
+
+
+@pytest.mark.parametrize("typo, meant", [("min-k", "min_k"), ("maxk", "max_k"), ("temprature", "temperature"),
+                                         ("selction", "selection")])
+def test_routing_argument_typos_fail_before_weights_load(tiny_model_dir, monkeypatch, typo, meant):
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    from lm_eval_bh import RoutingError
+
+    monkeypatch.setattr(HFLM, "_create_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    with pytest.raises(RoutingError, match=f"^unknown model_arg '{typo}': did you mean '{meant}'\\?") as err:
+        get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},{typo}=2", {"device": "cpu"})
+    assert "\n" not in str(err.value)
+
+
+def test_genuine_downstream_model_args_pass_through(tiny_model_dir):
+    """HFLM (dtype), from_pretrained (trust_remote_code, revision) and config-field (num_experts_per_tok)
+    arguments reach the model: the config override changes the top_k that routing resolves against."""
+    import torch
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("olmoe_bh").create_from_arg_string(
+        f"pretrained={tiny_model_dir},dtype=bfloat16,trust_remote_code=False,revision=main,num_experts_per_tok=2",
+        {"device": "cpu"},
+    )
+    assert lm.model.dtype == torch.bfloat16
+    assert lm.model.config.num_experts_per_tok == 2
+    assert lm.routing.config.max_k == 2
+
+
+def test_cli_unknown_model_offline_is_one_line_with_the_ways_forward(tmp_path):
+    proc = _run([
+        "lm_eval", "--model", "olmoe_bh", "--model_args", "alpha=0.1", "--device", "cpu",
+        "--tasks", "mmlu_dev_offline", "--include_path", TASKS,
+    ], cwd=tmp_path)  # HF_HUB_OFFLINE=1, and OLMoE-1B-7B is not in the cache
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not load the model 'allenai/OLMoE-1B-7B-0924'")
+    assert "pretrained=<a local folder" in last and "lm-eval-bh demo" in last
+
+
+LOAD_TIMED = """
+import sys, time
+from lm_eval.api.registry import get_model
+from lm_eval_bh import RoutingError
+t = time.monotonic()
+try:
+    get_model("olmoe_bh").create_from_arg_string(sys.argv[1], {"device": "cpu"})
+except RoutingError as e:
+    print(round(time.monotonic() - t, 2)); print(e)
+"""
+
+
+@pytest.mark.parametrize("pretrained, offline, reason", [
+    ("nobody/no-such-model", "1", "couldn't connect"),          # offline mode
+    ("nobody/no-such-model", "0", "cannot be reached"),         # online mode, hub unreachable
+    ("/no/such/folder", "0", "no such folder"),
+])
+def test_unloadable_pretrained_fails_fast(pretrained, offline, reason):
+    env = dict(subprocess_env(), HF_HUB_OFFLINE=offline, HF_ENDPOINT="http://127.0.0.1:9")  # port 9: closed
+    proc = subprocess.run([sys.executable, "-c", LOAD_TIMED, f"pretrained={pretrained}"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    seconds, message = proc.stdout.strip().splitlines()
+    assert message.startswith(f"could not load the model '{pretrained}'") and reason in message, message
+    assert float(seconds) < 10, seconds
+
+
 # --- one model_args parser, one default model -------------------------------------------------
 
 def test_model_args_constants_match_the_code_and_are_defined_once():
