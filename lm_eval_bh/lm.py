@@ -8,9 +8,11 @@ task they belong to. The statistics land in the results file under `config.routi
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import inspect
 import os
+import sys
 import threading
 from collections import Counter, defaultdict
 
@@ -89,6 +91,9 @@ class MoEBHLM(HFLM):
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         super().__init__(pretrained=pretrained, **kwargs)
         self.routing = BHRouting(self.routing_config, compile=self._compile_router).patch(self.model)
+        self._reported: dict | None = None  # the routing block of the last results (get_model_info)
+        if self.rank == 0 and _run_by_lm_eval_cli():
+            _print_at_exit(self)
 
     def _get_config(self, pretrained, **kwargs) -> None:
         """Check the model, the expert bounds and the model_args from the config, before the weights load."""
@@ -117,6 +122,16 @@ class MoEBHLM(HFLM):
         self.routing_config = config
         self.routing = BHRouting(config, compile=self._compile_router).patch(self.model)
         self._rank_totals = {}
+
+    def set_cache_hook(self, cache_hook) -> None:
+        """lm-eval's request cache (`--use_cache`) attaches here; refuse it, before any request runs."""
+        if getattr(cache_hook, "dbdict", None) is not None:
+            raise RoutingError(
+                "--use_cache cannot be used with adaptive routing: lm-eval's request cache is keyed on the "
+                "request alone (not the model or its routing settings), so it would serve answers computed "
+                "under other settings, and cached requests would be missing from the routing statistics; "
+                "run without --use_cache (--cache_requests, which caches only the prompts, is fine)")
+        super().set_cache_hook(cache_hook)
 
     # --- which tokens are real, and which task they belong to --------------------------------
 
@@ -226,7 +241,8 @@ class MoEBHLM(HFLM):
     # --- results ----------------------------------------------------------------------------
 
     def get_model_info(self) -> dict:
-        return {**super().get_model_info(), "routing": self.routing.summary(**self._rank_totals)}
+        self._reported = self.routing.summary(**self._rank_totals)
+        return {**super().get_model_info(), "routing": self._reported}
 
 
 @register_model("olmoe_bh")
@@ -235,3 +251,48 @@ class OlmoeBHLM(MoEBHLM):
 
     def __init__(self, pretrained=DEFAULT_PRETRAINED, **kwargs):
         super().__init__(pretrained=pretrained, **kwargs)
+
+
+def routing_table(routing: dict, label: str) -> str:
+    """The routing cost of a results file's `config.routing` block as a Markdown table (lm-eval's style):
+    mean experts per token, k / top_k and active parameters per token, overall and per task."""
+    from pytablewriter import MarkdownTableWriter
+
+    model = routing["model"]
+
+    def row(name, mean, tokens):
+        if mean is None:
+            return [name, tokens, "", "", ""]
+        active = model["dense_params"] + model["params_per_expert"] * model["num_layers"] * mean
+        return [name, tokens, f"{mean:.4f}", f"{mean / model['top_k']:.4f}", round(active)]
+
+    writer = MarkdownTableWriter()
+    writer.headers = ["Routing", "Tokens", "Mean experts/token", "k / top_k", "Active params/token"]
+    writer.value_matrix = [row("all tasks", routing["mean_experts_per_token"], routing["tokens"])] + [
+        row(task, v["mean_experts_per_token"], v["tokens"]) for task, v in sorted(routing["per_task"].items())
+    ]
+    return (f"routing {label}: top_k {model['top_k']} of {model['num_experts']} experts, "
+            f"{model['total_params']:,} parameters in all\n{writer.dumps()}")
+
+
+def _run_by_lm_eval_cli() -> bool:
+    """True inside the `lm_eval` / `lm-eval` command or `python -m lm_eval` (not the Python API)."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return "lm_eval.__main__" in sys.modules or getattr(main_spec, "name", None) == "lm_eval.__main__"
+
+
+_LAST_MODEL: list = []  # the model whose routing table the lm_eval CLI prints at exit
+
+
+def _print_at_exit(lm: MoEBHLM) -> None:
+    """lm-eval's CLI prints its results table at the very end of the run: print ours after it (at
+    interpreter exit), if the run got as far as its results."""
+    if not _LAST_MODEL:
+        atexit.register(_print_routing_table)
+    _LAST_MODEL[:] = [lm]
+
+
+def _print_routing_table() -> None:
+    lm = _LAST_MODEL[0]
+    if lm._reported is not None:
+        print(routing_table(lm._reported, lm.routing.config.label()))

@@ -46,6 +46,27 @@ def test_stock_cli_finds_olmoe_bh_and_writes_routing_stats(tiny_model_dir, tmp_p
     assert routing["per_task"]["mmlu_dev_offline"]["tokens"] == routing["tokens"] > 0
     assert sum(routing["k_histogram"].values()) == routing["tokens"] * routing["model"]["num_layers"]
     assert len(routing["per_layer_mean"]) == routing["model"]["num_layers"]
+    # the terminal: lm-eval's table, then the routing table with the same numbers
+    table = proc.stdout[proc.stdout.index("Metric"):]
+    assert_routing_table(table[table.index("\nrouting "):], routing)
+
+
+def assert_routing_table(text: str, routing: dict) -> None:
+    """`text` (stdout after lm-eval's own table) is the routing table of the `config.routing` block."""
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("routing bh/zscore alpha=") and "top_k 4 of 16 experts" in lines[0], lines[0]
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines[3:])}
+    model = routing["model"]
+    expected = {"all tasks": routing, **routing["per_task"]}
+    assert set(rows) == set(expected)
+    for name, block in expected.items():
+        tokens, mean, fraction, active = rows[name]
+        assert int(tokens) == block["tokens"]
+        assert float(mean) == pytest.approx(block["mean_experts_per_token"], abs=1e-4)
+        assert float(fraction) == pytest.approx(block["mean_experts_per_token"] / model["top_k"], abs=1e-4)
+        per_layer = block["mean_experts_per_token"] * model["num_layers"]
+        assert int(active) == round(model["dense_params"] + model["params_per_expert"] * per_layer)
+    assert int(rows["all tasks"][3]) == round(routing["active_params_per_token"])
 
 
 def test_python_m_lm_eval_and_builtin_models_still_registered():
@@ -222,6 +243,47 @@ def test_olmoe_bh_defaults_to_olmoe_1b_7b(monkeypatch):
         get_model("olmoe_bh").create_from_arg_string("alpha=0.05", {"device": "cpu"})
 
 
+# --- lm-eval's request cache, and the routing table without --output_path ---------------------
+
+def test_use_cache_is_refused_before_any_request(tiny_model_dir, tmp_path):
+    """lm-eval's cache keys a request on the request alone: after a run that filled it (here the stock
+    model), a routed run with the same cache would get the stock answers and count no tokens."""
+    import sqlite3
+
+    cache = tmp_path / "cache"
+    common = ["--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline", "--limit", "4"]
+    filled = _run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", *common,
+                   "--use_cache", str(cache)], cwd=tmp_path)
+    assert filled.returncode == 0, filled.stderr[-2000:]
+    (db,) = tmp_path.glob("cache_rank0.db")
+
+    def cached():
+        with sqlite3.connect(db) as con:
+            return con.execute('SELECT key, value FROM "unnamed" ORDER BY key').fetchall()
+
+    before = cached()
+    assert len(before) == 4 * 4  # 4 questions x 4 choices
+    routed = ["lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=0.01", *common]
+    refused = _run([*routed, "--use_cache", str(cache)], cwd=tmp_path)
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: --use_cache cannot be used with adaptive routing")
+    assert "Cached requests" not in refused.stderr and cached() == before
+    # the same run without the cache works, and prints its routing table after lm-eval's (no --output_path)
+    ran = _run(routed, cwd=tmp_path)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    text = ran.stdout[ran.stdout.index("Metric"):]
+    lines = text[text.index("\nrouting "):].strip().splitlines()
+    assert lines[0].startswith("routing bh/zscore alpha=0.01 k=1..4: top_k 4 of 16 experts"), lines[0]
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["all tasks", "mmlu_dev_offline"]
+
+
+def test_use_cache_is_refused_from_python(tiny_model_dir, task_manager, tmp_path):
+    from lm_eval_bh import RoutingError
+
+    with pytest.raises(RoutingError, match="^--use_cache cannot be used"):
+        _evaluate("olmoe_bh", f"pretrained={tiny_model_dir},alpha=0.5", task_manager, use_cache=str(tmp_path / "c"))
+
+
 # --- first contact: typos and unreachable models are one line, before any weights load --------
 
 def test_cli_typo_of_a_routing_argument_names_the_closest_one(tiny_model_dir):
@@ -296,7 +358,7 @@ def test_unloadable_pretrained_fails_fast(pretrained, offline, reason):
                           text=True, env=env, timeout=300)
     seconds, message = proc.stdout.strip().splitlines()
     assert message.startswith(f"could not load the model '{pretrained}'") and reason in message, message
-    assert float(seconds) < 10, seconds
+    assert float(seconds) < 30, seconds  # transformers' own retries against an unreachable hub: over a minute
 
 
 # --- one model_args parser, one default model -------------------------------------------------
