@@ -1,44 +1,51 @@
-"""Calibrated router p-values: per-layer (or per-expert) null distributions of router logits.
+"""Router-logit calibration: an empirical null per layer (or per expert), fitted on unlabeled text.
 
-A calibration is, for every MoE layer, a uniform random sample (without replacement, bounded size)
-of the router logits that the model produced on unlabeled text: one sample shared by all experts of
-the layer, or one per expert (`per_expert`). The p-value of a logit x against such a null sample
-z_1..z_n is the empirical upper tail with the +1 ("conformal") correction
+A calibration holds, for every MoE layer, a uniform random sample (bounded size) of the router logits
+the model produced on unlabeled text: one sample shared by all experts of the layer, or one per
+expert (`per_expert`). From each sample it fits Efron's two-group model f = pi0 f0 + (1 - pi0) f1:
 
-    p(x) = (1 + #{j : z_j >= x}) / (n + 1),
+* the **empirical null** f0 = N(loc, scale^2), by central matching: a weighted least-squares fit of
+  a quadratic to the log counts of a histogram of the part of the sample between its 2 % and 75 %
+  quantiles. Signals are *high* logits, so the lower and central part of the sample estimates the
+  null; the wider one-sided window halves the noise of the scale against the central 50 % (measured,
+  see docs/pvalues.md). pi0 is the sample's share in that window over f0's share there (capped at 1).
+  When the fit has no negative curvature the null falls back to median and IQR / 1.349 with pi0 = 1.
+* the **local fdr** lfdr(x) = pi0 f0(x) / f(x), f a Gaussian kernel density estimate of the sample
+  (Silverman's bandwidth, binned on a grid of `GRID` points), stored on that grid. It is made
+  non-increasing in x and set to 1 at and below the null's centre, because only a logit *above* the
+  null's centre can be evidence for an expert; beyond the grid it keeps the grid's end values.
 
-which is exactly super-uniform when x and the z_j are exchangeable (P(p <= t) <= t for every t), so
-Benjamini-Hochberg keeps its guarantee with these p-values (Bates et al. 2023, "Testing for outliers
-with conformal p-values": conformal p-values that share one calibration sample are PRDS). p is
-never 0 (the smallest value is 1/(n+1)), a step function of x, non-increasing in x. With a shared
-null it orders experts exactly like their logits; with per-expert nulls it does not (see
-routing.route). The "null" is the marginal distribution of the layer's logits over all tokens and
-experts, so a small p means "this logit is extreme for this layer", not "this expert is needed".
+Each layer's `LayerNull` gives routing what a p-value method or selection rule asks for:
 
-Collecting is streaming and bounded: `NullSampler` keeps, per layer (and expert), the `size` values
-with the smallest i.i.d. uniform random keys seen so far (a bottom-k / priority sample, which is a
-uniform sample without replacement of everything seen), plus exact running count, mean, std, min and
-max. Memory is O(layers x [experts x] size) whatever the amount of text.
+* ``pvalue(x)``: the upper tail of the fitted null, p = P(N(loc, scale^2) >= x) (``pvalue=calibrated``);
+* ``ecdf_pvalue(x)``: the +1-corrected empirical upper tail of the pooled sample,
+  p = (1 + #{z_j >= x}) / (n + 1) (``pvalue=ecdf``: alpha then bounds only the chance that a token
+  gets any expert beyond min_k, because signal experts are part of the pooled sample);
+* ``lfdr(x)``: the local false discovery rate (``selection=lfdr``).
 
-File format (written by `save_calibration`, read by `read_calibration`), chosen by the extension:
+All of them are invariant under a common rescaling of the logits, so `temperature`, applied to the
+test logits and the null alike, has no effect on them.
 
-* ``*.npz``: numpy archive with ``null`` (float32, (L, n) or (L, E, n), each row sorted ascending)
-  and ``meta`` (a 0-d unicode array holding the metadata as JSON).
-* anything else (e.g. ``*.json``): one JSON object
-  ``{"format": "lm-eval-bh-calibration", "version": 1, "meta": {...}, "null": {"dtype": "float32",
-  "shape": [...], "encoding": "base64", "data": "<little-endian float32 bytes, base64>"}}``.
+Files (``save_calibration`` / ``read_calibration``; format version 2): arrays ``null`` (float32,
+(L, n) or (L, E, n), rows sorted), ``fit`` ((L[, E], 3): loc, scale, pi0), ``lfdr`` ((L[, E], GRID))
+and ``lfdr_range`` ((L[, E], 2): the grid's first and last point), plus a metadata object (format,
+version, model, num_layers, num_experts, per_expert, samples_per_null, tokens, router_fingerprint:
+the sha256 of the routers' weights, summary statistics per layer). ``*.npz``: a numpy archive with
+those arrays and ``meta`` (JSON in a 0-d string array). Anything else: one JSON object
+``{"format": ..., "version": 2, "meta": {...}, "arrays": {name: {"dtype": "float32", "shape": [...],
+"encoding": "base64", "data": "<little-endian bytes>"}}}``.
 
-``meta`` holds at least: format, version, model, num_layers, num_experts, per_expert,
-samples_per_null (n), tokens (number of tokens seen), and per-layer summary statistics.
-
-Torch and numpy only (no transformers); the model-facing part is lm_eval_bh/calibrate.py.
+Torch, numpy and scipy only (no transformers); the model-facing part is lm_eval_bh/commands/calibrate.py.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
 import os
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -54,25 +61,134 @@ __all__ = [
     "Calibration",
     "LayerNull",
     "NullSampler",
+    "check_settings",
+    "fit_null",
+    "lfdr_table",
     "load_calibration",
     "read_calibration",
     "read_header",
+    "router_fingerprint",
     "save_calibration",
 ]
 
 FORMAT = "lm-eval-bh-calibration"
-VERSION = 1
+VERSION = 2
+GRID = 512  # points of the stored lfdr grid
+WINDOW = (0.02, 0.75)  # quantiles of the sample that central matching fits (signals are high logits)
+BINS = 50  # histogram bins in that window
+MIN_TAIL = 20  # fewer calibration values than this beyond the first BH threshold: a warning
 
 
-# --- p-values from a null sample ----------------------------------------------------------------
+# --- fitting the two-group model --------------------------------------------------------------------
+
+
+def fit_null(samples: np.ndarray) -> np.ndarray:
+    """Empirical null and pi0 of every row of `samples` (..., n), by central matching: (..., 3) float64
+    holding loc, scale, pi0. Location-scale equivariant (all arithmetic in units of the row's median
+    and IQR); rows with no spread raise RoutingError."""
+    from scipy.stats import norm
+
+    x = np.sort(np.asarray(samples, dtype=np.float64), axis=-1)
+    shape, n = x.shape[:-1], x.shape[-1]
+    x = x.reshape(-1, n)
+    q_lo, q25, med, q75, q_hi = np.quantile(x, [WINDOW[0], 0.25, 0.5, 0.75, WINDOW[1]], axis=-1)
+    robust = (q75 - q25) / (norm.ppf(0.75) - norm.ppf(0.25))
+    if not (robust > 0).all():
+        raise RoutingError("calibration: a null sample has no spread (its interquartile range is 0); "
+                           "calibrate on more text")
+    u = (x - med[:, None]) / robust[:, None]
+    a, b = (q_lo - med) / robust, (q_hi - med) / robust
+    width = (b - a) / BINS
+    j = np.floor((u - a[:, None]) / width[:, None])
+    inside = (j >= 0) & (j < BINS)
+    counts = np.zeros((x.shape[0], BINS))
+    rows = np.broadcast_to(np.arange(x.shape[0])[:, None], x.shape)
+    np.add.at(counts, (rows[inside], j[inside].astype(np.int64)), 1.0)
+    t = a[:, None] + (np.arange(BINS) + 0.5) * width[:, None]
+    design = np.stack([np.ones_like(t), t, t * t], axis=-1)  # log count = b0 + b1 t + b2 t^2
+    logc = np.log(np.maximum(counts, 1.0))
+    lhs = np.einsum("rk,rki,rkj->rij", counts, design, design)
+    rhs = np.einsum("rk,rki,rk->ri", counts, design, logc)
+    with np.errstate(all="ignore"):
+        beta = np.linalg.solve(lhs + 1e-12 * np.eye(3), rhs[..., None])[..., 0]
+        var = -0.5 / beta[:, 2]
+        sd = np.sqrt(var)
+        loc = beta[:, 1] * var
+    ok = np.isfinite(sd) & (beta[:, 2] < 0) & (sd > 0.2) & (sd < 5.0) & (np.abs(loc) < 2.0)
+    loc, sd = np.where(ok, loc, 0.0), np.where(ok, sd, 1.0)
+    share = norm.cdf((b - loc) / sd) - norm.cdf((a - loc) / sd)  # f0's mass in the window
+    inside_share = inside.mean(axis=-1)
+    pi0 = np.where(ok, np.minimum(1.0, inside_share / np.maximum(share, 1e-12)), 1.0)
+    out = np.stack([med + robust * loc, robust * sd, pi0], axis=-1)
+    return out.reshape(*shape, 3)
+
+
+def lfdr_table(samples: np.ndarray, fit: np.ndarray, grid: int = GRID) -> tuple[np.ndarray, np.ndarray]:
+    """The local fdr pi0 f0 / f of every row of `samples` (..., n) on a grid: (range (..., 2), values
+    (..., grid)). f is a binned Gaussian KDE (Silverman's bandwidth); lfdr is capped at 1, set to 1 at
+    and below the null's location, and made non-increasing in x (a running minimum upwards)."""
+    from scipy.ndimage import gaussian_filter1d
+    from scipy.stats import norm
+
+    x = np.sort(np.asarray(samples, dtype=np.float64), axis=-1)
+    shape, n = x.shape[:-1], x.shape[-1]
+    x, fit = x.reshape(-1, n), np.asarray(fit, dtype=np.float64).reshape(-1, 3)
+    q25, q75 = np.quantile(x, [0.25, 0.75], axis=-1)
+    spread = np.minimum(x.std(axis=-1), (q75 - q25) / 1.349)
+    h = 0.9 * np.where(spread > 0, spread, fit[:, 1]) * n ** -0.2
+    lo, hi = x[:, 0] - 4 * h, x[:, -1] + 4 * h
+    step = (hi - lo) / (grid - 1)
+    values = np.empty((x.shape[0], grid))
+    points = lo[:, None] + step[:, None] * np.arange(grid)
+    for r in range(x.shape[0]):  # linear binning, then one Gaussian filter per row (bandwidth in bins)
+        pos = (x[r] - lo[r]) / step[r]
+        left = np.clip(np.floor(pos).astype(np.int64), 0, grid - 2)
+        frac = pos - left
+        mass = np.bincount(left, 1.0 - frac, grid) + np.bincount(left + 1, frac, grid)
+        dens = gaussian_filter1d(mass, h[r] / step[r], mode="constant", truncate=6.0) / (n * step[r])
+        f0 = fit[r, 2] * norm.pdf(points[r], fit[r, 0], fit[r, 1])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            raw = np.where(dens > 0, f0 / dens, 1.0)
+        raw = np.where(points[r] <= fit[r, 0], 1.0, np.minimum(raw, 1.0))
+        values[r] = np.minimum.accumulate(raw)
+    return np.stack([lo, hi], axis=-1).reshape(*shape, 2), values.reshape(*shape, grid)
+
+
+def router_fingerprint(tensors) -> str:
+    """sha256 over the routers' weights (and biases), in the order given, rounded to bfloat16 so that
+    the same checkpoint loaded in float32, float16 or bfloat16 gives the same fingerprint."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            continue
+        t = t.detach().to("cpu", torch.bfloat16).contiguous()
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --- one layer's null, as routing uses it ---------------------------------------------------------
+
+
+def _t(a) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32) if not isinstance(a, torch.Tensor) else a
 
 
 @dataclass(frozen=True)
 class LayerNull:
-    """One layer's null: `samples` float32 sorted ascending along the last dim, shape (n,) shared by all
-    experts or (E, n) one per expert. Pass it as ``routing.route(logits, cfg, null=...)``."""
+    """One layer's null, on one device. `samples`: float32 sorted along the last dim, (n,) shared by all
+    experts or (E, n) one per expert. `fit`: (3,) or (E, 3) loc, scale, pi0 (fitted from `samples` when
+    not given); `lfdr_values`, `lfdr_range`: the local-fdr grid (optional). Pass it as
+    ``routing.route(logits, cfg, null=...)``."""
 
     samples: torch.Tensor
+    fit: torch.Tensor | None = None
+    lfdr_values: torch.Tensor | None = None
+    lfdr_range: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.fit is None:
+            object.__setattr__(self, "fit", _t(fit_null(self.samples.cpu().numpy())).to(self.samples.device))
 
     @property
     def per_expert(self) -> bool:
@@ -86,26 +202,64 @@ class LayerNull:
     def device(self) -> torch.device:
         return self.samples.device
 
+    @property
+    def pi0(self) -> torch.Tensor:
+        return self.fit[..., 2]
+
     def to(self, device) -> "LayerNull":
-        return LayerNull(self.samples.to(device))
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return LayerNull(move(self.samples), move(self.fit), move(self.lfdr_values), move(self.lfdr_range))
+
+    def _check(self, x: torch.Tensor) -> None:
+        if self.per_expert and x.shape[-1] != self.samples.shape[0]:
+            raise RoutingError(f"calibration has {self.samples.shape[0]} experts per layer but the logits have "
+                               f"{x.shape[-1]}")
 
     def pvalue(self, x: torch.Tensor) -> torch.Tensor:
-        """p = (1 + #{null >= x}) / (n + 1) for every element of x (shape (..., E)), float32.
+        """p = P(N(loc, scale^2) >= x) for every element of x (shape (..., E)), float32: the upper tail of
+        the fitted empirical null (``pvalue=calibrated``). No host synchronisation."""
+        self._check(x)
+        z = (x.float() - self.fit[..., 0]) / self.fit[..., 1]
+        return 0.5 * torch.erfc(z * (1.0 / math.sqrt(2.0)))
 
-        One `searchsorted` (binary search, log2(n) steps per value), no host synchronisation. NaN in
-        x is not supported (routing cleans logits first).
-        """
+    def ecdf_pvalue(self, x: torch.Tensor) -> torch.Tensor:
+        """p = (1 + #{null >= x}) / (n + 1), the +1 empirical upper tail of the pooled sample
+        (``pvalue=ecdf``): one `searchsorted` per value. NaN in x is not supported (routing cleans
+        logits first)."""
+        self._check(x)
         x = x.float()
         n = self.n
         if self.per_expert:
             e = self.samples.shape[0]
-            if x.shape[-1] != e:
-                raise RoutingError(f"calibration has {e} experts per layer but the logits have {x.shape[-1]}")
             flat = x.reshape(-1, e).t().contiguous()  # (E, T): one row of values per expert's sample
             below = torch.searchsorted(self.samples, flat, side="left").t().reshape(x.shape)
         else:
             below = torch.searchsorted(self.samples, x.contiguous(), side="left")  # #null < x
         return (n + 1 - below).float() / (n + 1)
+
+    def lfdr(self, x: torch.Tensor) -> torch.Tensor:
+        """The local false discovery rate of every element of x (shape (..., E)), float32 in [0, 1]:
+        linear interpolation on the stored grid, clamped to its ends."""
+        if self.lfdr_values is None:
+            raise RoutingError("this calibration has no local-fdr table (selection=lfdr needs a calibration file "
+                               "from `lm-eval-bh calibrate`)")
+        self._check(x)
+        grid = self.lfdr_values.shape[-1]
+        lo, hi = self.lfdr_range[..., 0], self.lfdr_range[..., 1]
+        pos = ((x.float() - lo) / (hi - lo) * (grid - 1)).clamp(0, grid - 1)
+        left = pos.floor().clamp_max(grid - 2)
+        frac = pos - left
+        left = left.long()
+        if self.per_expert:  # (..., E): gather along each expert's own row
+            table = self.lfdr_values
+            e = table.shape[0]
+            flat_left = left.reshape(-1, e)
+            rows = torch.arange(e, device=x.device).expand_as(flat_left)
+            v0 = table[rows, flat_left].reshape(x.shape)
+            v1 = table[rows, flat_left + 1].reshape(x.shape)
+        else:
+            v0, v1 = self.lfdr_values[left], self.lfdr_values[left + 1]
+        return v0 + (v1 - v0) * frac
 
 
 # --- streaming collection -----------------------------------------------------------------------
@@ -177,141 +331,282 @@ class NullSampler:
             "num_layers": self.num_layers,
             "num_experts": self.num_experts,
             "per_expert": self.per_expert,
+            "router_fingerprint": None,
             "samples_per_null": int(n),
             "tokens": int(self.tokens[0]),
             "layer_stats": stats,
             **(meta or {}),
         }
-        return Calibration(null, full)
+        return Calibration.from_samples(null, full)
 
 
 def _r(v):
     return [round(float(a), 5) for a in v] if isinstance(v, list) else round(float(v), 5)
 
 
-# --- files --------------------------------------------------------------------------------------
+# --- calibrations and their files --------------------------------------------------------------------
+
+ARRAYS = ("null", "fit", "lfdr", "lfdr_range")
 
 
 @dataclass
 class Calibration:
-    """`null`: float32 (L, n) shared or (L, E, n) per expert, rows sorted ascending; `meta`: metadata."""
+    """`null`: float32 (L, n) shared or (L, E, n) per expert, rows sorted ascending; `fit`, `lfdr`,
+    `lfdr_range`: the fitted two-group model (computed from `null` when not given); `meta`: metadata."""
 
     null: np.ndarray
     meta: dict = field(default_factory=dict)
+    fit: np.ndarray | None = None
+    lfdr: np.ndarray | None = None
+    lfdr_range: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.null = np.sort(np.asarray(self.null, dtype=np.float32), axis=-1)
+        if self.fit is None:
+            self.fit = fit_null(self.null).astype(np.float32)
+        if self.lfdr is None or self.lfdr_range is None:
+            lfdr_range, lfdr = lfdr_table(self.null, self.fit)
+            self.lfdr_range, self.lfdr = lfdr_range.astype(np.float32), lfdr.astype(np.float32)
+
+    @classmethod
+    def from_samples(cls, null: np.ndarray, meta: dict | None = None) -> "Calibration":
+        """A calibration with its two-group model fitted from the null samples."""
+        return cls(null, dict(meta or {}))
 
     @property
     def per_expert(self) -> bool:
         return self.null.ndim == 3
 
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: np.ascontiguousarray(getattr(self, name), dtype="<f4") for name in ARRAYS}
+
     def layer_nulls(self, device=None) -> list[LayerNull]:
-        return [LayerNull(torch.from_numpy(np.ascontiguousarray(a)).to(device or "cpu")) for a in self.null]
+        """One `LayerNull` per layer, on `device`."""
+        device = device or "cpu"
+        return [LayerNull(*(_t(getattr(self, a)[i]).to(device) for a in ARRAYS)) for i in range(self.null.shape[0])]
 
 
 def save_calibration(path: str | os.PathLike, cal: Calibration) -> str:
     """Write `cal` to `path` (.npz -> numpy archive, else JSON with base64 float32), atomically."""
     path = os.fspath(path)
-    null = np.ascontiguousarray(cal.null, dtype="<f4")
-    meta = {"format": FORMAT, "version": VERSION, **cal.meta, "per_expert": null.ndim == 3}
-    meta["num_layers"] = int(null.shape[0])
-    meta["samples_per_null"] = int(null.shape[-1])
+    arrays = cal.arrays
+    null = arrays["null"]
+    meta = {"router_fingerprint": None, **cal.meta, "format": FORMAT, "version": VERSION,
+            "per_expert": null.ndim == 3, "num_layers": int(null.shape[0]), "samples_per_null": int(null.shape[-1])}
     if null.ndim == 3:
         meta["num_experts"] = int(null.shape[1])
+    errors = _header_errors(meta) + _array_errors(meta, arrays)
+    if errors:
+        raise RoutingError(f"cannot write calibration file {path}: {'; '.join(errors)}")
     tmp = f"{path}.tmp{os.getpid()}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     try:
         if path.endswith(".npz"):
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, null=null, meta=np.array(json.dumps(meta)))
+                np.savez_compressed(f, meta=np.array(json.dumps(meta)), **arrays)
         else:
-            doc = {
-                "format": FORMAT,
-                "version": VERSION,
-                "meta": meta,
-                "null": {"dtype": "float32", "shape": list(null.shape), "encoding": "base64",
-                         "data": base64.b64encode(null.tobytes()).decode("ascii")},
-            }
+            blobs = {name: {"dtype": "float32", "shape": list(a.shape), "encoding": "base64",
+                            "data": base64.b64encode(a.tobytes()).decode("ascii")} for name, a in arrays.items()}
             with open(tmp, "w") as f:
-                json.dump(doc, f)
+                json.dump({"format": FORMAT, "version": VERSION, "meta": meta, "arrays": blobs}, f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    read_header.cache_clear()
+    _read.cache_clear()
     return path
 
 
-def read_calibration(path: str | os.PathLike) -> Calibration:
-    """Read a calibration file; RoutingError (one line) if it is missing or not a valid one."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise RoutingError(f"calibration file not found: {path}")
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _header_errors(meta) -> list[str]:
+    """Every malformed metadata field, one message each (types included)."""
+    if not isinstance(meta, dict):
+        return [f"'meta' must be an object, got {type(meta).__name__}"]
+    errors = []
+    for name in ("num_layers", "num_experts", "samples_per_null"):
+        v = meta.get(name)
+        if not (_is_int(v) and v >= 1):
+            errors.append(f"'{name}' must be an integer >= 1, got {v!r}")
+    if not isinstance(meta.get("per_expert"), bool):
+        errors.append(f"'per_expert' must be true or false, got {meta.get('per_expert')!r}")
+    fp = meta.get("router_fingerprint")
+    if fp is not None and not (isinstance(fp, str) and len(fp) == 64 and all(c in "0123456789abcdef" for c in fp)):
+        errors.append(f"'router_fingerprint' must be a sha256 hex digest or null, got {fp!r}")
+    if meta.get("model") is not None and not isinstance(meta.get("model"), str):
+        errors.append(f"'model' must be a string or null, got {meta.get('model')!r}")
+    return errors
+
+
+def _array_errors(meta: dict, arrays: dict) -> list[str]:
+    """Every array that is missing, of the wrong shape for the metadata, non-finite or out of range."""
+    errors = []
+    for name in ARRAYS:
+        if not isinstance(arrays.get(name), np.ndarray):
+            errors.append(f"array '{name}' is missing")
+        elif not np.isfinite(arrays[name]).all():
+            errors.append(f"array '{name}' contains NaN or infinity")
+    if errors or _header_errors(meta):
+        return errors
+    lead = (meta["num_layers"], meta["num_experts"]) if meta["per_expert"] else (meta["num_layers"],)
+    null, fit, lfdr, rng = (arrays[a] for a in ARRAYS)
+    expected = {"null": lead + (meta["samples_per_null"],), "fit": lead + (3,), "lfdr_range": lead + (2,)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            errors.append(f"array '{name}' has shape {list(arrays[name].shape)}, the metadata say {list(shape)}")
+    if lfdr.shape[:-1] != lead or lfdr.shape[-1] < 2:
+        errors.append(f"array 'lfdr' has shape {list(lfdr.shape)}, the metadata say {list(lead)} + [grid >= 2]")
+    if errors:
+        return errors
+    if not ((fit[..., 1] > 0).all() and (fit[..., 2] > 0).all() and (fit[..., 2] <= 1).all()):
+        errors.append("array 'fit' needs scale > 0 and pi0 in (0, 1]")
+    if not (rng[..., 0] < rng[..., 1]).all():
+        errors.append("array 'lfdr_range' needs its first point below its last")
+    if not ((lfdr >= 0).all() and (lfdr <= 1).all()):
+        errors.append("array 'lfdr' must lie in [0, 1]")
+    return errors
+
+
+def _decode(name: str, blob, errors: list[str]) -> np.ndarray | None:
+    if not isinstance(blob, dict):
+        errors.append(f"array '{name}' must be an object with dtype, shape, encoding and data")
+        return None
+    shape = blob.get("shape")
+    if blob.get("dtype") != "float32" or blob.get("encoding") != "base64" or not isinstance(blob.get("data"), str):
+        errors.append(f"array '{name}' must be base64 float32 data")
+    elif not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+        errors.append(f"array '{name}': 'shape' must be a list of integers, got {shape!r}")
+    else:
+        try:
+            a = np.frombuffer(base64.b64decode(blob["data"], validate=True), dtype="<f4")
+        except ValueError as e:
+            errors.append(f"array '{name}': {e}")
+            return None
+        if a.size != math.prod(shape):
+            errors.append(f"array '{name}' holds {a.size} values, not {shape}")
+            return None
+        return a.reshape(shape).astype(np.float32)
+    return None
+
+
+def _parse(path: str) -> tuple[object, dict, list[str]]:
+    """(meta, arrays, errors) of a file; format and version problems raise at once."""
     bad = lambda why: RoutingError(f"calibration file {path} is not a valid lm-eval-bh calibration file: {why}")  # noqa: E731
+    errors: list[str] = []
     try:
         if zipfile.is_zipfile(path):
             with np.load(path, allow_pickle=False) as z:
-                if "null" not in z or "meta" not in z:
-                    raise bad("the archive lacks 'null' or 'meta'")
-                null, meta = np.asarray(z["null"], dtype=np.float32), json.loads(str(z["meta"]))
+                if "meta" not in z:
+                    raise bad("the archive has no 'meta'")
+                meta = json.loads(str(z["meta"]))
+                arrays = {a: np.asarray(z[a], dtype=np.float32) for a in ARRAYS if a in z}
+            version = meta.get("version") if isinstance(meta, dict) else None
+            fmt = meta.get("format") if isinstance(meta, dict) else None
         else:
             with open(path) as f:
                 doc = json.load(f)
-            if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-                raise bad(f"'format' is not {FORMAT!r}")
-            meta, blob = doc.get("meta"), doc.get("null") or {}
-            if blob.get("encoding") != "base64" or blob.get("dtype") != "float32":
-                raise bad("'null' must be base64 float32")
-            null = np.frombuffer(base64.b64decode(blob["data"], validate=True), dtype="<f4")
-            shape = tuple(int(s) for s in blob["shape"])
-            if int(np.prod(shape)) != null.size:
-                raise bad(f"'null' holds {null.size} values, not {shape}")
-            null = null.reshape(shape).astype(np.float32)
+            if not isinstance(doc, dict):
+                raise bad("the JSON document is not an object")
+            fmt, version, meta = doc.get("format"), doc.get("version"), doc.get("meta")
+            blobs = doc.get("arrays") if _is_int(version) and version == VERSION else {}
+            if not isinstance(blobs, dict):
+                raise bad("'arrays' must be an object")
+            arrays = {a: _decode(a, blobs[a], errors) for a in ARRAYS if a in blobs}
     except RoutingError:
         raise
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, UnicodeDecodeError, EOFError) as e:
         raise bad(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise bad(f"metadata 'format' is not {FORMAT!r}")
-    if int(meta.get("version", -1)) > VERSION:
-        raise bad(f"version {meta.get('version')} is newer than this lm-eval-bh reads ({VERSION})")
-    if null.ndim not in (2, 3) or null.shape[-1] < 1 or null.shape[0] < 1:
-        raise bad(f"'null' must have shape (layers, n) or (layers, experts, n), got {null.shape}")
-    if not np.isfinite(null).all():
-        raise bad("'null' contains NaN or infinity")
-    if int(meta.get("num_layers", -1)) != null.shape[0] or (null.ndim == 3 and int(meta.get("num_experts", -1)) != null.shape[1]):
-        raise bad(f"metadata (num_layers={meta.get('num_layers')}, num_experts={meta.get('num_experts')}) "
-                  f"does not match 'null' of shape {null.shape}")
-    return Calibration(np.sort(null, axis=-1), meta)
+    if fmt != FORMAT:
+        raise bad(f"'format' must be {FORMAT!r}, got {fmt!r}")
+    if not _is_int(version):
+        raise bad(f"'version' must be an integer, got {version!r}")
+    if version < VERSION:
+        raise RoutingError(f"calibration file {path} has format version {version}, which this lm-eval-bh no longer "
+                           f"reads (version {VERSION} adds the fitted null and the router fingerprint); "
+                           "run `lm-eval-bh calibrate` again")
+    if version > VERSION:
+        raise bad(f"version {version} is newer than this lm-eval-bh reads ({VERSION})")
+    return meta, {a: v for a, v in arrays.items() if v is not None}, errors
 
 
-@lru_cache(maxsize=16)
-def _header(path: str, mtime: float) -> dict:
-    return read_calibration(path).meta
+@lru_cache(maxsize=4)
+def _read(path: str, stamp: tuple) -> Calibration:
+    meta, arrays, errors = _parse(path)
+    errors += _header_errors(meta)
+    errors += _array_errors(meta, arrays) if not errors else []
+    if errors:
+        raise RoutingError(f"calibration file {path} is not a valid lm-eval-bh calibration file: {'; '.join(errors)}")
+    return Calibration(arrays["null"], meta, arrays["fit"], arrays["lfdr"], arrays["lfdr_range"])
 
 
-def read_header(path: str | os.PathLike) -> dict:
-    """The metadata of a calibration file (cached per path and modification time)."""
+def read_calibration(path: str | os.PathLike) -> Calibration:
+    """Read and validate a calibration file (every field's type and every array's shape and values);
+    RoutingError (one line naming the file and each malformed field) otherwise. Cached per path and
+    modification time."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise RoutingError(f"calibration file not found: {path}")
-    return _header(path, os.path.getmtime(path))
+    st = os.stat(path)
+    return _read(path, (st.st_mtime_ns, st.st_size))
 
 
-read_header.cache_clear = _header.cache_clear  # type: ignore[attr-defined]
+def read_header(path: str | os.PathLike) -> dict:
+    """The validated metadata of a calibration file."""
+    return read_calibration(path).meta
 
 
-def load_calibration(path: str | os.PathLike, num_layers: int, num_experts: int, device=None) -> list[LayerNull]:
+def _check_experts(path: str, meta: dict, num_experts: int, num_layers: int | None = None) -> None:
+    layers, experts = meta["num_layers"], meta["num_experts"]
+    if experts != num_experts or (num_layers is not None and layers != num_layers):
+        made_for = f" ({meta['model']})" if meta.get("model") else ""
+        has = f"{num_layers} MoE layers and " if num_layers is not None else ""
+        raise RoutingError(f"calibration file {path} was made for a model with {layers} MoE layers and {experts} "
+                           f"experts{made_for}; this model has {has}{num_experts} experts")
+
+
+def check_settings(cfg, num_experts: int) -> None:
+    """Before any weights load: the calibration file of `cfg` (if any) is valid, made for `num_experts`
+    experts, and can resolve cfg's alpha. pvalue=ecdf with selection=bh needs alpha / num_experts >=
+    1 / (n + 1) (else no expert could ever be added: a one-line RoutingError) and warns when fewer than
+    MIN_TAIL calibration values lie beyond that first BH threshold (the tail rate there is then known
+    to about 1 / sqrt(count))."""
+    path = getattr(cfg, "calibration", None)
+    if path is None:
+        return
+    cal = read_calibration(path)
+    _check_experts(path, cal.meta, num_experts)
+    if getattr(cfg, "pvalue", None) != "ecdf" or getattr(cfg, "selection", None) != "bh":
+        return
+    n, threshold = cal.meta["samples_per_null"], cfg.alpha / num_experts
+    if threshold * (n + 1) < 1:
+        raise RoutingError(
+            f"alpha={cfg.alpha:g} is finer than calibration file {path} can resolve with pvalue=ecdf: its nulls hold "
+            f"{n} values, so the smallest p-value is 1/(n+1) = {1 / (n + 1):.3g} > alpha/num_experts = {threshold:.3g}; "
+            f"use alpha >= {num_experts / (n + 1):.3g} or calibrate with --samples >= {math.ceil(num_experts / cfg.alpha)}")
+    beyond = math.floor(threshold * (n + 1)) - 1
+    if beyond < MIN_TAIL:
+        warnings.warn(
+            f"lm-eval-bh: only {beyond} of the {n} values per null in calibration file {path} lie beyond the first "
+            f"BH threshold alpha/num_experts = {threshold:.3g}, so the tail rate there is known to about "
+            f"{100 / math.sqrt(max(beyond, 1)):.0f} %; calibrate with --samples >= "
+            f"{math.ceil((MIN_TAIL + 1) * num_experts / cfg.alpha)} for a steadier pvalue=ecdf", stacklevel=2)
+
+
+def load_calibration(path: str | os.PathLike, num_layers: int, num_experts: int, device=None, *,
+                     fingerprint: str | None = None) -> list[LayerNull]:
     """The per-layer nulls of a calibration file, checked against the model (one per MoE layer, in order).
 
-    RoutingError (one line) when the file is missing, corrupt, or made for a model with another number
-    of MoE layers or experts. Each `LayerNull` can be moved with `.to(device)`.
+    RoutingError (one line naming the file) when the file is missing or malformed, made for a model with
+    another number of MoE layers or experts, or, given this model's `router_fingerprint`, for other
     """
+    path = os.fspath(path)
     cal = read_calibration(path)
-    meta = cal.meta
-    layers, experts = int(meta.get("num_layers", -1)), int(meta.get("num_experts", -1))
-    if (layers, experts) != (num_layers, num_experts):
-        made_for = f" ({meta['model']})" if meta.get("model") else ""
-        raise RoutingError(
-            f"calibration file {os.fspath(path)} was made for a model with {layers} MoE layers and {experts} experts"
-            f"{made_for}; this model has {num_layers} MoE layers and {num_experts} experts"
-        )
+    _check_experts(path, cal.meta, num_experts, num_layers)
+    theirs = cal.meta.get("router_fingerprint")
+    if fingerprint is not None and theirs is not None and theirs != fingerprint:
+        raise RoutingError(f"calibration file {path} was made for other router weights (fingerprint {theirs[:12]}, "
+                           f"this model's {fingerprint[:12]}); run `lm-eval-bh calibrate` on this model")
     return cal.layer_nulls(device)

@@ -1,5 +1,6 @@
-"""Calibrated p-values: the empirical-CDF p-value, the streaming sampler, the file format and its
-errors, a calibration round trip on a tiny OLMoE, and the `lm-eval-bh calibrate` command."""
+"""Calibration: the fitted empirical null and local fdr, the empirical-CDF p-value, the streaming
+sampler, the file format and its validation, a calibration round trip on a tiny OLMoE, and the
+`lm-eval-bh calibrate` command."""
 
 import argparse
 import json
@@ -8,6 +9,8 @@ import random
 import subprocess
 import sys
 import textwrap
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,14 +24,78 @@ from lm_eval_bh.calibration import (
     Calibration,
     LayerNull,
     NullSampler,
+    check_settings,
+    fit_null,
     load_calibration,
     read_calibration,
     read_header,
+    router_fingerprint,
     save_calibration,
 )
 from lm_eval_bh.routing import RoutingConfig, RoutingError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --- the fitted two-group model ---------------------------------------------------------------------
+
+
+def _mixture(rng, shape, share, shift):
+    """N(0, 1) null values with a `share` of signals at N(shift, 1) (the high-logit alternative)."""
+    return rng.normal(size=shape) + shift * (rng.random(shape) < share)
+
+
+def test_fit_null_recovers_the_null_under_signal_and_is_scale_equivariant():
+    rng = np.random.default_rng(0)
+    pure = rng.normal(size=(8, 16384))
+    loc, scale, pi0 = fit_null(pure).transpose(-1, 0)
+    assert np.abs(loc).max() < 0.12 and np.abs(scale - 1).max() < 0.1 and (pi0 > 0.9).all()  # sd 0.02 per row
+    # 12.5 % signals at +2.5: the pooled median/IQR is pulled up (scale ~1.18); the fitted null is not
+    mixed = _mixture(rng, (8, 16384), 0.125, 2.5)
+    loc, scale, pi0 = fit_null(mixed).transpose(-1, 0)
+    robust = (np.quantile(mixed, 0.75, -1) - np.quantile(mixed, 0.25, -1)) / 1.349
+    assert (robust > 1.15).all() and np.abs(scale - 1).max() < 0.06 and np.abs(loc).max() < 0.1
+    assert np.abs(pi0 - 0.875).max() < 0.06
+    # no absolute epsilons: a*x + b gives a*loc + b, a*scale, the same pi0, at any scale of the logits
+    for a, b in ((1e-3, 5.0), (1e3, -2e3), (7.0, 0.0)):
+        np.testing.assert_allclose(fit_null(a * mixed + b), fit_null(mixed) * [a, a, 1] + [b, 0, 0], rtol=1e-6,
+                                   atol=1e-9 * abs(b))
+    with pytest.raises(RoutingError, match="no spread"):
+        fit_null(np.ones((1, 100)))
+
+
+def test_lfdr_matches_the_two_group_model_and_is_monotone():
+    rng = np.random.default_rng(1)
+    cal = Calibration.from_samples(_mixture(rng, (1, 65536), 0.1, 3.0), {"num_experts": 8})
+    null = cal.layer_nulls()[0]
+    x = torch.linspace(-3, 7, 201)
+    lfdr = null.lfdr(x)
+    assert (lfdr[x <= float(null.fit[0])] == 1).all() and (lfdr.diff() <= 0).all()
+    assert ((lfdr >= 0) & (lfdr <= 1)).all()
+    f0 = 0.9 * stats.norm.pdf(x.numpy())
+    truth = f0 / (f0 + 0.1 * stats.norm.pdf(x.numpy() - 3.0))
+    for point in (2.5, 3.0, 3.5):  # where the decision is made (lfdr from ~0.3 to ~0.02)
+        i = int(torch.argmin((x - point).abs()))
+        assert lfdr[i].item() == pytest.approx(truth[i], rel=0.3, abs=0.01), point
+    # beyond the data the grid's end value holds; the same table at any logit scale
+    assert null.lfdr(torch.tensor([1e6])).item() == lfdr[-1].item()
+    scaled = Calibration.from_samples(cal.null * 1e-3, {"num_experts": 8}).layer_nulls()[0]
+    torch.testing.assert_close(scaled.lfdr(x * 1e-3), lfdr, atol=1e-4, rtol=1e-3)
+
+
+def test_fitted_pvalue_is_the_upper_tail_of_the_fitted_null():
+    rng = np.random.default_rng(2)
+    null = LayerNull(torch.from_numpy(np.sort(_mixture(rng, 65536, 0.1, 3.0))).float())
+    loc, scale, _ = null.fit.tolist()
+    x = torch.tensor([-1.0, 0.0, 2.0, 4.0])
+    expected = stats.norm.sf(x.numpy(), loc, scale)
+    np.testing.assert_allclose(null.pvalue(x).numpy(), expected, rtol=1e-4)
+    # per expert: each expert's own fitted null
+    samples = np.sort(rng.normal(size=(3, 20000)) * [[1.0], [2.0], [0.5]] + [[0.0], [3.0], [-1.0]], axis=1)
+    null = LayerNull(torch.from_numpy(samples).float())
+    np.testing.assert_allclose(null.fit[:, 1].numpy(), [1.0, 2.0, 0.5], rtol=0.06)
+    p = null.pvalue(torch.tensor([[1.0, 5.0, -0.5]])).numpy()[0]
+    np.testing.assert_allclose(p, stats.norm.sf([1.0, 1.0, 1.0]), rtol=0.25)
 
 
 # --- the p-value of a logit against a null sample -------------------------------------------------
@@ -40,14 +107,14 @@ def test_pvalue_is_plus_one_ecdf_upper_tail():
     null = LayerNull(torch.from_numpy(sample))
     # test points: fresh values, the sample's own values (ties: >= counts them), and beyond both ends
     x = np.concatenate([rng.normal(size=300), sample[::7], [-10, 10]]).astype(np.float32)
-    p = null.pvalue(torch.from_numpy(x)).numpy()
+    p = null.ecdf_pvalue(torch.from_numpy(x)).numpy()
     direct = (1 + (sample[None, :] >= x[:, None]).sum(1)) / (len(sample) + 1)
     np.testing.assert_allclose(p, direct, rtol=1e-6)
     # scipy's ECDF: sf(x) = fraction of the sample > x, equal to >= away from the sample points
     sf = stats.ecdf(sample).sf.evaluate(x[:300])
     np.testing.assert_allclose(p[:300], (1 + len(sample) * sf) / (len(sample) + 1), rtol=1e-5)
     assert p[-2] == 1.0 and p[-1] == pytest.approx(1 / 502)
-    assert np.all(np.diff(null.pvalue(torch.linspace(-4, 4, 1000)).numpy()) <= 0)  # non-increasing
+    assert np.all(np.diff(null.ecdf_pvalue(torch.linspace(-4, 4, 1000)).numpy()) <= 0)  # non-increasing
 
 
 def test_per_expert_pvalue_uses_each_experts_sample():
@@ -55,12 +122,12 @@ def test_per_expert_pvalue_uses_each_experts_sample():
     samples = np.sort(rng.normal(size=(3, 200)) + np.array([[0.0], [5.0], [-5.0]]), axis=1).astype(np.float32)
     null = LayerNull(torch.from_numpy(samples))
     x = rng.normal(size=(7, 3)).astype(np.float32)
-    p = null.pvalue(torch.from_numpy(x)).numpy()
+    p = null.ecdf_pvalue(torch.from_numpy(x)).numpy()
     for e in range(3):
         direct = (1 + (samples[e][None, :] >= x[:, e, None]).sum(1)) / 201
         np.testing.assert_allclose(p[:, e], direct, rtol=1e-6)
     # batched leading dims work too
-    assert null.pvalue(torch.from_numpy(x).reshape(7, 1, 3)).shape == (7, 1, 3)
+    assert null.ecdf_pvalue(torch.from_numpy(x).reshape(7, 1, 3)).shape == (7, 1, 3)
 
 
 # --- the streaming sampler --------------------------------------------------------------------
@@ -127,7 +194,7 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
     (tmp_path / "bad.npz").write_bytes(b"PK\x03\x04 not really a zip")
     doc = json.load(open(good))
-    doc["null"]["shape"] = [2, 17]
+    doc["arrays"]["null"]["shape"] = [2, 17]
     (tmp_path / "shape.json").write_text(json.dumps(doc))
     for name in ("trunc.json", "other.json", "bad.npz", "shape.json"):
         cases[name] = (str(tmp_path / name), "not a valid lm-eval-bh calibration file")
@@ -137,6 +204,88 @@ def test_load_errors_are_one_line(tmp_path):
         assert "\n" not in str(e.value), key
     with pytest.raises(RoutingError, match="this model has 2 MoE layers and 16 experts"):
         load_calibration(good, 2, 16)
+
+
+def _good_file(tmp_path, **meta):
+    null = np.sort(np.random.default_rng(0).normal(size=(2, 400)).astype(np.float32), axis=-1)
+    return save_calibration(tmp_path / "good.json", Calibration(null, {"model": "olmoe-x", "num_experts": 8, **meta}))
+
+
+def _edited(tmp_path, name, edit):
+    doc = json.load(open(tmp_path / "good.json"))
+    edit(doc)
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))  # json writes float("nan") as NaN, which json.load reads back
+    return str(path)
+
+
+@pytest.mark.parametrize("name, edit, pattern", [
+    ("null5", lambda d: d["arrays"].__setitem__("null", 5), "array 'null' must be an object"),
+    ("version_str", lambda d: d.__setitem__("version", "one"), "'version' must be an integer, got 'one'"),
+    ("layers_str", lambda d: d["meta"].__setitem__("num_layers", "two"), "'num_layers' must be an integer >= 1, got 'two'"),
+    ("layers_nan", lambda d: d["meta"].__setitem__("num_layers", float("nan")), "'num_layers' must be an integer >= 1, got nan"),
+    ("experts_float", lambda d: d["meta"].__setitem__("num_experts", 8.0), "'num_experts' must be an integer >= 1, got 8.0"),
+    ("per_expert_str", lambda d: d["meta"].__setitem__("per_expert", "no"), "'per_expert' must be true or false"),
+    ("fingerprint", lambda d: d["meta"].__setitem__("router_fingerprint", 123), "'router_fingerprint' must be a sha256"),
+    ("meta_list", lambda d: d.__setitem__("meta", []), "'meta' must be an object"),
+    ("shape_str", lambda d: d["arrays"]["fit"].__setitem__("shape", "2x3"), "array 'fit': 'shape' must be a list"),
+    ("shape_wrong", lambda d: d["arrays"]["fit"].__setitem__("shape", [3, 2]), "array 'fit' has shape \\[3, 2\\]"),
+    ("missing", lambda d: d["arrays"].pop("lfdr"), "array 'lfdr' is missing"),
+    ("format", lambda d: d.__setitem__("format", "other"), "'format' must be 'lm-eval-bh-calibration'"),
+    ("two_fields", lambda d: d["meta"].update(num_layers="two", samples_per_null=None),
+     "'num_layers' must be an integer >= 1, got 'two'; 'samples_per_null' must be an integer >= 1, got None"),
+])
+def test_malformed_header_is_one_line_naming_the_field(tmp_path, name, edit, pattern):
+    """Valid JSON with wrong types, NaN or missing parts: a one-line RoutingError naming the file and
+    every malformed field, from the header check that runs before any weights load."""
+    _good_file(tmp_path)
+    path = _edited(tmp_path, f"{name}.json", edit)
+    cfg = RoutingConfig(pvalue="calibrated", calibration=path)
+    for check in (lambda: check_settings(cfg, 8), lambda: load_calibration(path, 2, 8)):
+        with pytest.raises(RoutingError, match=pattern) as e:
+            check()
+        assert "\n" not in str(e.value) and path in str(e.value)
+
+
+def test_nonfinite_arrays_and_old_versions_are_refused(tmp_path):
+    good = _good_file(tmp_path)
+    cal = read_calibration(good)
+    cal.fit[1, 1] = np.nan
+    np.savez(tmp_path / "nan.npz", meta=np.array(json.dumps(cal.meta)), **cal.arrays)
+    with pytest.raises(RoutingError, match="array 'fit' contains NaN or infinity"):
+        read_calibration(tmp_path / "nan.npz")
+    # format version 1 (pooled samples only): a clear line saying to calibrate again
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps({"format": "lm-eval-bh-calibration", "version": 1, "meta": {"version": 1},
+                               "null": {"dtype": "float32", "shape": [2, 1], "encoding": "base64", "data": "AAAAAAAAAAA="}}))
+    with pytest.raises(RoutingError, match="format version 1, which this lm-eval-bh no longer reads.*calibrate` again"):
+        read_header(old)
+
+
+def test_ecdf_alpha_the_file_cannot_resolve_is_refused(tmp_path):
+    path = _good_file(tmp_path)  # n = 400 values per null, 8 experts: alpha/8 must be >= 1/401
+    with pytest.raises(RoutingError, match=r"alpha=0.01 is finer than calibration file .* can resolve") as e:
+        check_settings(SimpleNamespace(calibration=path, pvalue="ecdf", selection="bh", alpha=0.01), 8)
+    assert "--samples >= 800" in str(e.value) and "\n" not in str(e.value)
+    with pytest.warns(UserWarning, match="only 4 of the 400 values"):  # (1 + 4) / 401 <= 0.1 / 8 < (1 + 5) / 401
+        check_settings(SimpleNamespace(calibration=path, pvalue="ecdf", selection="bh", alpha=0.1), 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_settings(SimpleNamespace(calibration=path, pvalue="calibrated", selection="bh", alpha=0.01), 8)
+    with pytest.raises(RoutingError, match="made for a model with 2 MoE layers and 8 experts"):
+        check_settings(SimpleNamespace(calibration=path, pvalue="calibrated", selection="bh", alpha=0.1), 16)
+
+
+def test_foreign_router_weights_are_refused(tmp_path):
+    a, b = make_olmoe(seed=0), make_olmoe(seed=1)  # the same shape, other weights
+    fp = lambda m: calibrate.fingerprint(calibrate.find_moe_layers(m))  # noqa: E731
+    assert fp(a) == fp(make_olmoe(seed=0)) == fp(make_olmoe(seed=0).to(torch.bfloat16)) != fp(b)
+    assert len(fp(a)) == 64 and router_fingerprint([torch.ones(2)]) != router_fingerprint([torch.ones(1, 2)])
+    path = _good_file(tmp_path, router_fingerprint=fp(a))
+    assert len(load_calibration(path, 2, 8, fingerprint=fp(a))) == 2
+    with pytest.raises(RoutingError, match=f"calibration file {path} was made for other router weights") as e:
+        load_calibration(path, 2, 8, fingerprint=fp(b))
+    assert "\n" not in str(e.value)
 
 
 # --- round trip on a tiny OLMoE ----------------------------------------------------------------
@@ -181,7 +330,7 @@ def test_calibration_round_trip_tiny_olmoe(tiny_olmoe, tmp_path):
         path = save_calibration(tmp_path / f"c{per_expert}.json", cal)
         nulls = load_calibration(path, 2, 16)
         for layer, null in enumerate(nulls):
-            p = null.pvalue(held[layer])
+            p = null.ecdf_pvalue(held[layer])
             if not per_expert:
                 assert stats.kstest(p.ravel().numpy(), "uniform").statistic < 0.05
             else:

@@ -21,13 +21,13 @@ import argparse
 import datetime as _dt
 import json
 import os
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from ..errors import UsageError
 from ..model_args import ROUTING_ARGS, parse_model_args
-from ..calibration import Calibration, NullSampler, save_calibration
+from ..calibration import Calibration, NullSampler, router_fingerprint, save_calibration
 from ..families import find_moe_layers
 from ..errors import RoutingError
 
@@ -56,8 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max_tokens", type=int, default=None, help="stop after this many tokens (default: all)")
     parser.add_argument("--per_expert", action="store_true", help="one null per expert instead of one per layer")
     parser.add_argument("--samples", type=int, default=None,
-                        help="logits kept per null (default 16384 per layer, 4096 per expert); p-values are "
-                             "multiples of 1/(samples+1)")
+                        help="logits kept per null (default 65536 per layer, 4096 per expert); the fitted null "
+                             "and the local fdr come from them, and pvalue=ecdf's p-values are multiples of "
+                             "1/(samples+1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subsample (default 0)")
     return parser
 
@@ -88,30 +89,19 @@ def read_texts(path: str) -> list[str]:
     return [p.strip() for p in content.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
-def _flatten_tasks(obj) -> Iterator:
-    if hasattr(obj, "build_all_requests"):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _flatten_tasks(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _flatten_tasks(v)
-
-
 def task_texts(tasks: str, include_path: str | None = None, limit: float | None = None) -> list[str]:
     """Unique request contexts (few-shot examples included) of lm-eval tasks, in request order."""
     import math
 
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import TaskManager
 
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     try:
-        task_dict = get_task_dict(names, TaskManager(include_path=include_path))
+        loaded = TaskManager(include_path=include_path).load(names)["tasks"]  # leaf tasks, groups expanded
     except Exception as e:  # lm-eval raises assorted errors for unknown tasks and broken YAMLs
         raise UsageError(f"--tasks {tasks}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
     seen: dict[str, None] = {}
-    for task in _flatten_tasks(task_dict):
+    for task in loaded.values():
         n = None
         if limit is not None:
             n = int(math.ceil(len(task.eval_docs) * limit)) if limit < 1.0 else int(limit)
@@ -152,6 +142,11 @@ def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.router for layer in find_moe_layers(model)]
 
 
+def fingerprint(layers) -> str:
+    """The calibration's tie to the model: sha256 of every MoE layer's router weight and bias."""
+    return router_fingerprint(t for layer in layers for t in (layer.router.weight, getattr(layer.router, "bias", None)))
+
+
 @torch.inference_mode()
 def calibrate_model(
     model: torch.nn.Module,
@@ -169,9 +164,10 @@ def calibrate_model(
     calibration of its routers' logits. Padding positions (mask 0) are not counted."""
     from tqdm.auto import tqdm
 
-    routers = find_routers(model)  # a clear RoutingError when there is none
+    layers = find_moe_layers(model)  # a clear RoutingError when there is none
+    routers = [layer.router for layer in layers]
     num_experts = routers[0].num_experts
-    size = samples if samples is not None else (4096 if per_expert else 16384)
+    size = samples if samples is not None else (4096 if per_expert else 65536)
     sampler = NullSampler(len(routers), num_experts, size=size, per_expert=per_expert, seed=seed)
     state: dict = {"mask": None}
 
@@ -215,7 +211,7 @@ def calibrate_model(
         for h in handles:
             h.remove()
         bar.close()
-    info = {"num_layers": len(routers), "num_experts": num_experts}
+    info = {"num_layers": len(routers), "num_experts": num_experts, "router_fingerprint": fingerprint(layers)}
     top_k = getattr(routers[0], "top_k", None)
     if isinstance(top_k, int):
         info["top_k"] = top_k
