@@ -63,6 +63,7 @@ __all__ = [
     "NullSampler",
     "check_settings",
     "fit_null",
+    "layers_fingerprint",
     "lfdr_table",
     "load_calibration",
     "read_calibration",
@@ -152,6 +153,12 @@ def lfdr_table(samples: np.ndarray, fit: np.ndarray, grid: int = GRID) -> tuple[
         raw = np.where(points[r] <= fit[r, 0], 1.0, np.minimum(raw, 1.0))
         values[r] = np.minimum.accumulate(raw)
     return np.stack([lo, hi], axis=-1).reshape(*shape, 2), values.reshape(*shape, grid)
+
+
+def layers_fingerprint(layers) -> str:
+    """The router fingerprint of MoE layers (anything with a `.router` module): every router's weight
+    and bias, in layer order. Written by ``lm-eval-bh calibrate``, checked when a calibration loads."""
+    return router_fingerprint(t for layer in layers for t in (layer.router.weight, getattr(layer.router, "bias", None)))
 
 
 def router_fingerprint(tensors) -> str:

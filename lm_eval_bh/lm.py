@@ -23,6 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from .errors import RoutingError
+from .calibration import check_settings as check_calibration
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
 from .patch import BHRouting
@@ -108,6 +109,7 @@ class MoEBHLM(HFLM):
         except OSError as e:
             raise RoutingError(_cannot_load(pretrained, str(e).strip().split("\n")[0])) from None
         self.routing_config.resolve(*config_shape(self._config, source=str(pretrained)))
+        check_calibration(self.routing_config, config_shape(self._config)[0])  # the calibration file, too
         for name in sorted(self._downstream_args):
             guess = closest_lm_arg(name)
             if guess and not hasattr(self._config, name):  # a config field passes through (it overrides the config)

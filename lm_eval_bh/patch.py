@@ -103,7 +103,8 @@ class BHRouting:
         """Each layer's calibration null on that layer's device (None per layer unless calibrated)."""
         if cfg.calibration is None:  # no p-value method or rule of this config needs a null
             return [None] * len(layers)
-        nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts)
+        nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts,
+                                             fingerprint=calibration.layers_fingerprint(layers))
         return [null.to(layer.router.weight.device) for null, layer in zip(nulls, layers)]
 
     def _patch_layer(self, i: int, layer: MoELayer) -> None:

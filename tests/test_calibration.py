@@ -18,14 +18,16 @@ import torch
 from scipy import stats
 
 from conftest import make_olmoe
-from lm_eval_bh import routing
+from lm_eval_bh import BHRouting, routing
 from lm_eval_bh.commands import calibrate
+from lm_eval_bh.families import find_moe_layers
 from lm_eval_bh.calibration import (
     Calibration,
     LayerNull,
     NullSampler,
     check_settings,
     fit_null,
+    layers_fingerprint,
     load_calibration,
     read_calibration,
     read_header,
@@ -278,7 +280,7 @@ def test_ecdf_alpha_the_file_cannot_resolve_is_refused(tmp_path):
 
 def test_foreign_router_weights_are_refused(tmp_path):
     a, b = make_olmoe(seed=0), make_olmoe(seed=1)  # the same shape, other weights
-    fp = lambda m: calibrate.fingerprint(calibrate.find_moe_layers(m))  # noqa: E731
+    fp = lambda m: layers_fingerprint(find_moe_layers(m))  # noqa: E731
     assert fp(a) == fp(make_olmoe(seed=0)) == fp(make_olmoe(seed=0).to(torch.bfloat16)) != fp(b)
     assert len(fp(a)) == 64 and router_fingerprint([torch.ones(2)]) != router_fingerprint([torch.ones(1, 2)])
     path = _good_file(tmp_path, router_fingerprint=fp(a))
@@ -286,6 +288,13 @@ def test_foreign_router_weights_are_refused(tmp_path):
     with pytest.raises(RoutingError, match=f"calibration file {path} was made for other router weights") as e:
         load_calibration(path, 2, 8, fingerprint=fp(b))
     assert "\n" not in str(e.value)
+    # through the patch: a calibration of model a refused for model b, accepted for a
+    cal = calibrate.calibrate_model(a, _token_batches(0, 4, vocab=256), samples=512, progress=False)
+    path = save_calibration(tmp_path / "a.json", cal)
+    with pytest.raises(RoutingError, match=f"calibration file {path} was made for other router weights"):
+        BHRouting(pvalue="calibrated", calibration=path).patch(b)
+    assert not any("forward" in m.__dict__ for m in b.modules())
+    BHRouting(pvalue="calibrated", calibration=path).patch(a).unpatch()
 
 
 # --- round trip on a tiny OLMoE ----------------------------------------------------------------
@@ -422,3 +431,28 @@ def test_calibrate_run_tasks(saved_model, tmp_path):
     cal = read_calibration(out)
     assert cal.meta["source"]["documents"] == 4 and cal.meta["tokens"] == 20 and cal.per_expert
     assert cal.null.shape == (2, 16, 16)
+
+
+# --- before any weights load ---------------------------------------------------------------------
+
+
+def test_calibration_file_is_checked_before_weights_load(tiny_model_dir, tmp_path, monkeypatch):
+    """lm-eval's model construction reads the config, then the weights: a malformed header, a file for
+    another expert count and an alpha pvalue=ecdf cannot resolve all fail in between."""
+    from lm_eval.api.registry import get_model
+    from lm_eval.models.huggingface import HFLM
+
+    monkeypatch.setattr(HFLM, "_create_model", lambda *a, **k: pytest.fail("weights were loaded"))
+    _good_file(tmp_path)  # 8 experts; the tiny model has 16
+    malformed = _edited(tmp_path, "bad.json", lambda d: d["meta"].__setitem__("num_layers", "two"))
+    null = np.sort(np.random.default_rng(0).normal(size=(2, 400)).astype(np.float32), axis=-1)
+    small = save_calibration(tmp_path / "small.json", Calibration(null, {"num_experts": 16}))
+    cases = [
+        (f"pvalue=calibrated,calibration={malformed}", "'num_layers' must be an integer >= 1, got 'two'"),
+        (f"pvalue=calibrated,calibration={tmp_path / 'good.json'}", "made for a model with 2 MoE layers and 8 experts"),
+        (f"pvalue=ecdf,calibration={small},alpha=0.01", "alpha=0.01 is finer than calibration file"),
+    ]
+    for args, message in cases:
+        with pytest.raises(RoutingError, match=message) as err:
+            get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},{args}", {"device": "cpu"})
+        assert "\n" not in str(err.value)

@@ -27,7 +27,7 @@ import torch
 
 from ..errors import UsageError
 from ..model_args import ROUTING_ARGS, parse_model_args
-from ..calibration import Calibration, NullSampler, router_fingerprint, save_calibration
+from ..calibration import Calibration, NullSampler, layers_fingerprint, save_calibration
 from ..families import find_moe_layers
 from ..errors import RoutingError
 
@@ -142,11 +142,6 @@ def find_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [layer.router for layer in find_moe_layers(model)]
 
 
-def fingerprint(layers) -> str:
-    """The calibration's tie to the model: sha256 of every MoE layer's router weight and bias."""
-    return router_fingerprint(t for layer in layers for t in (layer.router.weight, getattr(layer.router, "bias", None)))
-
-
 @torch.inference_mode()
 def calibrate_model(
     model: torch.nn.Module,
@@ -211,7 +206,7 @@ def calibrate_model(
         for h in handles:
             h.remove()
         bar.close()
-    info = {"num_layers": len(routers), "num_experts": num_experts, "router_fingerprint": fingerprint(layers)}
+    info = {"num_layers": len(routers), "num_experts": num_experts, "router_fingerprint": layers_fingerprint(layers)}
     top_k = getattr(routers[0], "top_k", None)
     if isinstance(top_k, int):
         info["top_k"] = top_k
