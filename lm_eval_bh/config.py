@@ -78,7 +78,8 @@ class RoutingConfig:
             if not os.path.isfile(self.calibration):
                 raise RoutingError(f"calibration file not found: {self.calibration}")
         elif self.calibration is not None:
-            users = " or ".join(f"pvalue={n}" for n, s in PVALUES.items() if s.needs_null)
+            users = " or ".join([f"pvalue={n}" for n, s in PVALUES.items() if s.needs_null]
+                                + [f"selection={n}" for n, s in SELECTIONS.items() if s.needs_null])
             raise RoutingError(
                 f"calibration is only used with {users}; got calibration={self.calibration!r} with pvalue={self.pvalue}"
             )

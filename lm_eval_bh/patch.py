@@ -24,6 +24,7 @@ from . import calibration, dispatch, routing
 from .families import MoELayer, find_moe_layers
 from .errors import RoutingError
 from .config import RoutingConfig, _as_bool
+from .results_schema import RoutingBlock
 from .stats import RoutingStats
 
 __all__ = ["BHRouting"]
@@ -155,7 +156,7 @@ class BHRouting:
         def forward(router, hidden):
             logits = layer.logits(hidden)
             routed = self._route(logits, self.nulls[i])
-            self._record(i, routed.k, routed.nonfinite)
+            self._record(i, routed.k, routed.nonfinite, routed.discoveries, routed.pvalues)
             return logits, routed.weight.to(logits.dtype), routed.index
 
         return types.MethodType(forward, layer.router)
@@ -176,7 +177,8 @@ class BHRouting:
         def forward(router, hidden):
             out = type(router).forward(router, hidden)
             if self._counting():
-                self._record(i, routing.select_count(out[0], self.config, null=self.nulls[i]).k)
+                sel = routing.select_count(out[0], self.config, null=self.nulls[i])
+                self._record(i, sel.k, None, sel.discoveries, sel.pvalues)
             return out
 
         return types.MethodType(forward, layer.router)
@@ -207,7 +209,8 @@ class BHRouting:
             self.stats.add_to_all_layers(self.config.max_k, groups)
         return None
 
-    def _record(self, layer: int, k: torch.Tensor, nonfinite: torch.Tensor | None = None) -> None:
+    def _record(self, layer: int, k: torch.Tensor, nonfinite: torch.Tensor | None = None,
+                discoveries: torch.Tensor | None = None, pvalues: torch.Tensor | None = None) -> None:
         """Keep a layer's k until the model forward ends, then count all layers at once."""
         if not self._counting():
             return
@@ -216,13 +219,14 @@ class BHRouting:
             groups = self._groups[k.device] = next(iter(self._groups.values())).to(k.device)
         if groups.numel() != k.numel():  # a router call of another size than the model input
             groups = torch.full_like(k, self._group)
-        self._pending.setdefault(id(groups), (groups, []))[1].append((layer, k, nonfinite))
+        self._pending.setdefault(id(groups), (groups, []))[1].append((layer, k, nonfinite, discoveries, pvalues))
 
     def _after_forward(self, module, args, output):
         pending, self._pending = self._pending, {}
         for groups, records in pending.values():
-            layers, ks, nonfinite = zip(*records)
-            self.stats.add(list(layers), list(ks), groups, None if nonfinite[0] is None else list(nonfinite))
+            layers, ks, nonfinite, found, p = zip(*records)
+            self.stats.add(list(layers), list(ks), groups, None if nonfinite[0] is None else list(nonfinite),
+                           None if found[0] is None else list(found), None if p[0] is None else list(p))
         return None
 
     @contextlib.contextmanager
@@ -258,12 +262,12 @@ class BHRouting:
         """Settings, model info and exact statistics, as stored under `config.routing` in results files
         (`totals`: the counts of all data-parallel ranks, from `stats.total_over_ranks()`)."""
         info = self.info
-        out = {"settings": self.config.as_dict(), "model": info, **self.stats.summary(**totals)}
-        per_layer = [m for m in out["per_layer_mean"] if m is not None]
-        out["active_params_per_token"] = (
-            info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None
-        )
-        return out
+        stats = self.stats.summary(**totals)
+        per_layer = [m for m in stats["per_layer_mean"] if m is not None]
+        active = info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None
+        block = RoutingBlock.from_dict({"settings": self.config.as_dict(), "model": info, **stats,
+                                        "active_params_per_token": active})
+        return block.to_dict()
 
 
 _COMPILED = {}

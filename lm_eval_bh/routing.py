@@ -114,12 +114,24 @@ def _zscore_pvalues(sorted_logits: torch.Tensor, temperature: float, null=None) 
     return 0.5 * torch.erfc(z * _SQRT1_2)
 
 
-def _calibrated_pvalues(logits: torch.Tensor, temperature: float, null=None) -> torch.Tensor:
-    """p = null.pvalue(logit / temperature): the upper tail of the layer's calibrated null (see
-    lm_eval_bh/calibration.py); a per-expert null needs the experts' own order."""
+def _layer_null(null, what: str):
     if null is None:
-        raise RoutingError("pvalue=calibrated needs the layer's calibration (null=...; see load_calibration)")
-    return null.pvalue(logits if temperature == 1.0 else logits / temperature)
+        raise RoutingError(f"{what} needs the layer's calibration (null=...; see calibration.load_calibration)")
+    return null
+
+
+def _calibrated_pvalues(logits: torch.Tensor, temperature: float, null=None) -> torch.Tensor:
+    """p = P(N(loc, scale^2) >= logit): the upper tail of the layer's fitted empirical null (Efron's
+    central matching, see lm_eval_bh/calibration.py). `temperature` divides the logits and the null
+    alike, so it cancels; a per-expert null needs the experts' own order."""
+    return _layer_null(null, "pvalue=calibrated").pvalue(logits)
+
+
+def _ecdf_pvalues(logits: torch.Tensor, temperature: float, null=None) -> torch.Tensor:
+    """p = (1 + #{pooled sample >= logit}) / (n + 1) over the layer's pooled calibration logits, signal
+    experts included: every expert's p is then about uniform, so BH at alpha bounds only the chance
+    that a token gets any expert beyond min_k. `temperature` cancels, as for `calibrated`."""
+    return _layer_null(null, "pvalue=ecdf").ecdf_pvalue(logits)
 
 
 PVALUES: dict[str, PValueMethod] = {
@@ -128,7 +140,8 @@ PVALUES: dict[str, PValueMethod] = {
         PValueMethod("zscore", _zscore_pvalues, "zscore"),
         PValueMethod("softmax", _softmax_pvalues, "softmax", params=("temperature",)),
         PValueMethod("calibrated", _calibrated_pvalues, "calibrated", monotone=False, needs_null=True,
-                     params=("temperature", "calibration")),
+                     params=("calibration",)),
+        PValueMethod("ecdf", _ecdf_pvalues, "ecdf", monotone=False, needs_null=True, params=("calibration",)),
     )
 }
 
@@ -294,6 +307,22 @@ def _topk_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
     return torch.full(r.p.shape[:-1], k, dtype=torch.long, device=r.p.device)
 
 
+def _lfdr_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
+    """Local false discovery rate (Efron): lfdr = pi0 f0 / f of each expert's logit, from the layer's
+    calibration (`null.lfdr`). Keeps experts, in routing order, while the mean lfdr of the kept ones
+    stays <= alpha: that mean is the Bayes FDR of the kept set. With a shared null the routing order is
+    increasing lfdr (both are monotone in the logit); the temperature cancels, as for `calibrated`."""
+    null = _layer_null(r.null, "selection=lfdr")
+    if getattr(null, "per_expert", False):  # each expert's own table: look up in the experts' order
+        own = torch.empty_like(r.logits).scatter_(-1, r.order, r.logits)
+        lfdr = null.lfdr(own).gather(-1, r.order)
+    else:
+        lfdr = null.lfdr(r.logits)
+    rank = torch.arange(1, lfdr.shape[-1] + 1, device=lfdr.device, dtype=lfdr.dtype)
+    kept = (torch.cumsum(lfdr, dim=-1) <= cfg.alpha * rank).long()
+    return kept.cumprod(dim=-1).sum(dim=-1)
+
+
 SELECTIONS: dict[str, SelectionRule] = {
     spec.name: spec
     for spec in (
@@ -301,6 +330,7 @@ SELECTIONS: dict[str, SelectionRule] = {
         SelectionRule("hc", _hc_count, "hc"),
         SelectionRule("topp", _topp_count, "topp", params=("top_p",), uses_pvalues=False),
         SelectionRule("topk", _topk_count, "topk", uses_pvalues=False, fixed=True),
+        SelectionRule("lfdr", _lfdr_count, "lfdr", params=("alpha",), uses_pvalues=False, needs_null=True),
     )
 }
 

@@ -4,6 +4,7 @@ sampler, the file format and its validation, a calibration round trip on a tiny 
 
 import argparse
 import json
+import math
 import os
 import random
 import subprocess
@@ -456,3 +457,42 @@ def test_calibration_file_is_checked_before_weights_load(tiny_model_dir, tmp_pat
         with pytest.raises(RoutingError, match=message) as err:
             get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},{args}", {"device": "cpu"})
         assert "\n" not in str(err.value)
+
+
+# --- what each method promises, through route (planted-signal simulations) -----------------------
+
+from calibration_sim import SCENARIOS, calibration_file, measure  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sim_files(tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("sim"))
+    return {(s, shift): calibration_file(folder, s, shift, samples=32768) for _, s, shift in SCENARIOS}
+
+
+@pytest.mark.parametrize("name, signals, shift", SCENARIOS)
+def test_fdr_and_power_through_route(sim_files, name, signals, shift):
+    """m = 64 N(0, 1) experts, `signals` of them shifted; the calibration sample pools every expert
+    (signals included), as on real text. Measured on the rule's own set, before the min_k clamp.
+
+    - bh/calibrated (fitted empirical null): FDR <= alpha (BH's bound alpha m0/m, plus the fit's error);
+    - lfdr/calibrated: FDR <= alpha (the mean lfdr of the kept set is the Bayes FDR);
+    - bh/ecdf (pooled sample): P(any expert) <= alpha: every p is about uniform, signals included, so
+      it finds almost nothing (power <= 2 alpha) even where bh/calibrated finds most signals.
+    """
+    alpha, tokens = 0.05, 3000
+    path = sim_files[(signals, shift)]
+    res = {(pv, sel): measure(pv, sel, alpha, path, signals, shift, tokens=tokens)
+           for pv, sel in (("calibrated", "bh"), ("calibrated", "lfdr"), ("ecdf", "bh"))}
+    slack = 3 * math.sqrt(alpha / tokens)  # Monte Carlo error of an FDR near alpha
+    assert res["calibrated", "bh"]["fdr"] <= alpha + slack, res
+    assert res["calibrated", "lfdr"]["fdr"] <= alpha + slack, res
+    assert res["ecdf", "bh"]["any"] <= alpha + slack, res
+    if signals:
+        assert res["ecdf", "bh"]["power"] <= 2 * alpha
+        strong = shift >= 4
+        assert res["calibrated", "bh"]["power"] >= (0.75 if strong else 0.25), res
+        assert res["calibrated", "lfdr"]["power"] >= (0.5 if strong else 0.15), res
+    else:  # the global null: BH's FDR is P(any discovery) there, lfdr is conservative
+        assert res["calibrated", "bh"]["any"] >= alpha / 4  # the level is used, not collapsed to 0
+        assert res["calibrated", "lfdr"]["any"] <= alpha

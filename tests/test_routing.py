@@ -37,17 +37,21 @@ def test_fixed_k_matches_stock_topk_router(renormalize):
 
 @pytest.mark.parametrize("selection", list(routing.SELECTIONS))
 @pytest.mark.parametrize("pvalue", ["zscore", "softmax"])
-def test_padding_convention(selection, pvalue):
+def test_padding_convention(selection, pvalue, tmp_path):
     x = logits(200, seed=1)
-    c = cfg(selection=selection, pvalue=pvalue, min_k=2, max_k=6, alpha=0.2, top_p=0.6)
-    r = route(x, c)
+    kw, null = {}, None
+    if routing.SELECTIONS[selection].needs_null:
+        cal = Calibration(logits(2000, seed=9).reshape(1, -1).numpy(), {"num_experts": E})
+        kw, null = {"calibration": save_calibration(tmp_path / "c.json", cal)}, cal.layer_nulls()[0]
+    c = cfg(selection=selection, pvalue=pvalue, min_k=2, max_k=6, alpha=0.2, top_p=0.6, **kw)
+    r = route(x, c, null=null)
     assert r.index.shape == r.weight.shape == (200, 6)
     assert ((r.k >= 2) & (r.k <= 6)).all()
     valid = torch.arange(6) < r.k[:, None]
     assert torch.equal(r.index == E, ~valid)
     assert (r.weight[~valid] == 0).all() and (r.weight[valid] > 0).all()
     # the selected experts are distinct and are the first k of the p-value order
-    sel = routing.select_count(x, c)
+    sel = routing.select_count(x, c, null=null)
     assert torch.equal(sel.k, r.k) and torch.equal(sel.discoveries, r.discoveries)
     assert torch.equal(torch.where(valid, sel.order[:, :6], E), r.index)
 
@@ -114,12 +118,12 @@ def test_per_expert_null_orders_by_pvalue_then_logit():
     samples = torch.stack([torch.linspace(-3, 3, 99) + (10.0 if e == 0 else 0.0) for e in range(4)])
     null = LayerNull(samples)
     c = RoutingConfig(min_k=1, max_k=4, selection="topk").resolve(4, 4, False)
-    object.__setattr__(c, "pvalue", "calibrated")  # skip the file check: the null is given directly
+    object.__setattr__(c, "pvalue", "ecdf")  # skip the file check: the null is given directly
     x = torch.tensor([[8.0, 2.0, 5.0, 5.0]])
     r = route(x, c, null=null)
     # p: expert 0 -> high; experts 2, 3 tie at the smallest p (both above all their samples) and are
     # ordered by logit (equal: stable, lower index first); expert 1 next
-    p = routing.pvalues(x, "calibrated", null=null)[0]
+    p = routing.pvalues(x, "ecdf", null=null)[0]
     assert p[2] == p[3] == 1 / 100 and p[1] < p[0]
     assert r.index[0].tolist() == [2, 3, 1, 0]
     x = torch.tensor([[8.0, 4.0, 5.0, 9.0]])  # 1, 2, 3 tie at p = 1/100: larger logit first
@@ -131,27 +135,32 @@ def test_per_expert_null_orders_by_pvalue_then_logit():
     assert routing.is_monotone(c, shared)
 
 
-def test_temperature_scales_calibrated_logits():
-    null = LayerNull(torch.linspace(-3, 3, 999))
-    x = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
-    p1 = routing.pvalues(x, "calibrated", 1.0, null)
-    p2 = routing.pvalues(x, "calibrated", 2.0, null)
-    torch.testing.assert_close(p2, routing.pvalues(x / 2, "calibrated", 1.0, null))
-    assert (p2[0, :2] > p1[0, :2]).all()
+def test_temperature_divides_logits_and_null_alike():
+    """Calibration-based p-values and the local fdr compare a logit with the null: dividing both by the
+    temperature changes nothing (a null fitted on logits / T is the null of logits / T)."""
+    raw = torch.randn(1, 4000, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    x = torch.tensor([[9.0, 4.0, 1.0, -1.0]])
+    null = Calibration(raw.numpy(), {"num_experts": 4}).layer_nulls()[0]
+    scaled = Calibration(raw.numpy() / 2, {"num_experts": 4}).layer_nulls()[0]
+    for method in ("calibrated", "ecdf"):
+        torch.testing.assert_close(routing.pvalues(x, method, 2.0, null), routing.pvalues(x / 2, method, 1.0, scaled),
+                                   rtol=2e-3, atol=1e-6)
+        torch.testing.assert_close(routing.pvalues(x, method, 2.0, null), routing.pvalues(x, method, 1.0, null))
+    torch.testing.assert_close(null.lfdr(x), scaled.lfdr(x / 2), rtol=2e-3, atol=1e-4)
 
 
 # --- the spec registries, labels and the public functions' argument checks ---------------------------
 
-_CAL_NULL = LayerNull(torch.linspace(-3, 3, 99))
+_CAL_NULL = Calibration(torch.linspace(-3, 3, 99)[None].numpy(), {"num_experts": E}).layer_nulls()[0]
 _OTHER = {"alpha": 0.2, "top_p": 0.9, "temperature": 2.0, "pvalue": "softmax"}
 
 
 def _configs(tmp_path):
     """One resolved config per (selection, p-value method), with a real calibration file where needed."""
     path = save_calibration(tmp_path / "c.json", Calibration(torch.randn(1, 100).sort().values.numpy(), {"num_experts": E}))
-    for sel in routing.SELECTIONS:
+    for sel, rule in routing.SELECTIONS.items():
         for pv, spec in routing.PVALUES.items():
-            kw = {"calibration": path} if spec.needs_null else {}
+            kw = {"calibration": path} if spec.needs_null or rule.needs_null else {}
             yield RoutingConfig(selection=sel, pvalue=pv, min_k=1, max_k=6, **kw)
 
 
@@ -160,10 +169,10 @@ def test_label_shows_exactly_the_parameters_that_change_routing(tmp_path):
     x = logits(400, seed=4)
     ids = set()
     for c in _configs(tmp_path):
-        null = _CAL_NULL if routing.PVALUES[c.pvalue].needs_null else None
+        null = _CAL_NULL if c.calibration is not None else None
         base = route(x, c.resolve(E, 4, False), null=null)
         for field, value in _OTHER.items():
-            if field == "pvalue" and c.calibration is not None:
+            if field == "pvalue" and routing.PVALUES[c.pvalue].needs_null:
                 continue  # another method would refuse the calibration file
             other = RoutingConfig(**{**c.as_dict(), field: value})
             r = route(x, other.resolve(E, 4, False), null=null)
@@ -177,7 +186,8 @@ def test_label_shows_exactly_the_parameters_that_change_routing(tmp_path):
                 assert not shown, (c.label(), field)  # a parameter the rule and method never read
         ids.add(c.setting_id())
         assert "/" not in c.setting_id() and " " not in c.setting_id()
-    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - 2  # topk: the method cannot matter
+    # topk, topp, lfdr: zscore and softmax order experts alike, so they are one setting each
+    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - 3
 
 
 def test_label_examples():

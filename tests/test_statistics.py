@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from lm_eval_bh import routing
-from lm_eval_bh.calibration import LayerNull
+from lm_eval_bh.calibration import Calibration, LayerNull
 from lm_eval_bh.routing import RoutingConfig, benjamini_hochberg, route
 
 ALPHAS = (0.01, 0.05, 0.1, 0.2)
@@ -131,7 +131,7 @@ def test_route_bh_count_equals_bh_rejections():
 # --- null p-values are uniform ---------------------------------------------------------------------
 
 
-def test_calibrated_pvalues_uniform_under_null():
+def test_ecdf_pvalues_uniform_under_null():
     """Logits drawn from the calibration distribution: p = (1 + #null >= x)/(n + 1) is uniform.
 
     A shared null (a skewed mixture, like real router logits) and per-expert nulls (each expert its own
@@ -145,7 +145,7 @@ def test_calibrated_pvalues_uniform_under_null():
         return np.where(rng.uniform(size=size) < 0.8, rng.normal(0, 1, size), rng.gumbel(1.5, 1.2, size))
 
     null = LayerNull(torch.from_numpy(np.sort(draw(20000))).float())
-    p = null.pvalue(torch.from_numpy(draw((5000, 1))).float()).numpy().ravel()
+    p = null.ecdf_pvalue(torch.from_numpy(draw((5000, 1))).float()).numpy().ravel()
     assert stats.kstest(p, "uniform").pvalue > 0.01
     assert p.min() >= 1 / 20001 and p.max() <= 1
 
@@ -153,7 +153,7 @@ def test_calibrated_pvalues_uniform_under_null():
     samples = np.sort(rng.normal(loc[:, None], scale[:, None], (16, 20000)), axis=1)
     null = LayerNull(torch.from_numpy(samples).float())
     x = rng.normal(loc, scale, (400, 16))  # 400 tokens x 16 experts, all independent
-    p = null.pvalue(torch.from_numpy(x).float()).numpy()
+    p = null.ecdf_pvalue(torch.from_numpy(x).float()).numpy()
     assert stats.kstest(p.ravel(), "uniform").pvalue > 0.01
     # each expert's own p-values too (the point of per-expert nulls)
     assert min(stats.kstest(p[:, e], "uniform").pvalue for e in range(16)) > 0.01 / 16
@@ -204,7 +204,7 @@ def test_bh_fdr_controlled_with_planted_signals(alpha):
     null = LayerNull(torch.randn(20000, generator=g).sort().values)
     x = torch.randn(n_tok, m, generator=g)
     x[:, :m1] += 3.5
-    mask = benjamini_hochberg(null.pvalue(x), alpha)
+    mask = benjamini_hochberg(null.ecdf_pvalue(x), alpha)
     false = mask[:, m1:].sum(-1).double()
     fdp = false / mask.sum(-1).clamp_min(1).double()
     fdr, se = fdp.mean().item(), fdp.std().item() / math.sqrt(n_tok)
@@ -217,18 +217,21 @@ def test_bh_fdr_controlled_with_planted_signals(alpha):
 # --- properties (hypothesis) -----------------------------------------------------------------------
 
 _E = 16
-_shared = LayerNull(torch.randn(4000, generator=torch.Generator().manual_seed(5)).sort().values * 2)
-_per_expert = LayerNull(
-    (torch.randn(_E, 4000, generator=torch.Generator().manual_seed(6)) * 2 + torch.linspace(-2, 2, _E)[:, None])
-    .sort(dim=1).values
-)
-_METHODS = [("zscore", None), ("softmax", None), ("calibrated", _shared), ("calibrated", _per_expert)]
+_shared = Calibration(torch.randn(1, 4000, generator=torch.Generator().manual_seed(5)).numpy() * 2,
+                      {"num_experts": _E}).layer_nulls()[0]
+_per_expert = Calibration(
+    (torch.randn(1, _E, 4000, generator=torch.Generator().manual_seed(6)) * 2 + torch.linspace(-2, 2, _E)[:, None]).numpy(),
+    {}).layer_nulls()[0]
+_METHODS = [("zscore", None), ("softmax", None), ("calibrated", _shared), ("calibrated", _per_expert),
+            ("ecdf", _shared), ("ecdf", _per_expert)]
 
 
 def _cfg(null, **kw):
-    c = RoutingConfig(**{**kw, "pvalue": "zscore" if null is not None else kw["pvalue"]}).resolve(_E, 8, False)
-    if null is not None:
-        object.__setattr__(c, "pvalue", "calibrated")  # the null is passed directly, no file
+    """A resolved config whose method and rule are set directly: the null is passed to route, no file."""
+    pvalue, selection = kw.pop("pvalue"), kw.pop("selection", "bh")
+    c = RoutingConfig(**kw).resolve(_E, 8, False)
+    object.__setattr__(c, "pvalue", pvalue)
+    object.__setattr__(c, "selection", selection)
     return c
 
 
@@ -238,7 +241,7 @@ logit_rows = st.lists(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=logit_rows, a1=st.floats(0.001, 0.99), a2=st.floats(0.001, 0.99), method=st.integers(0, 3),
+@given(rows=logit_rows, a1=st.floats(0.001, 0.99), a2=st.floats(0.001, 0.99), method=st.integers(0, len(_METHODS) - 1),
        min_k=st.integers(1, 4), extra=st.integers(0, 12))
 def test_bh_count_nondecreasing_in_alpha(rows, a1, a2, method, min_k, extra):
     pvalue, null = _METHODS[method]
@@ -249,11 +252,13 @@ def test_bh_count_nondecreasing_in_alpha(rows, a1, a2, method, min_k, extra):
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=logit_rows, alpha=st.floats(0.001, 0.99), method=st.integers(0, 3),
+@given(rows=logit_rows, alpha=st.floats(0.001, 0.99), method=st.integers(0, len(_METHODS) - 1),
        selection=st.sampled_from(list(routing.SELECTIONS)), min_k=st.integers(1, 6), extra=st.integers(0, 10),
        renormalize=st.booleans(), top_p=st.floats(0.01, 1.0))
 def test_route_invariants(rows, alpha, method, selection, min_k, extra, renormalize, top_p):
     pvalue, null = _METHODS[method]
+    if null is None and routing.SELECTIONS[selection].needs_null:
+        null = _shared  # the rule reads the calibration (selection=lfdr)
     max_k = min(min_k + extra, _E)
     cfg = _cfg(null, pvalue=pvalue, alpha=alpha, selection=selection, min_k=min_k, max_k=max_k,
                renormalize=renormalize, top_p=top_p)
