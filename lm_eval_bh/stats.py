@@ -71,7 +71,8 @@ class RoutingStats:
         per_token = torch.stack([real.expand_as(found), found * real, (k > found) * real, (k < found) * real], -1)
         table = self._diag[found.device]
         table[:, :4].index_add_(0, rows, per_token.sum(dim=1))
-        bins = (p.float() * PVALUE_BINS).long().clamp(0, PVALUE_BINS - 1)  # p = 1 -> the last bin
+        # bin i holds [i/20, (i+1)/20) exactly (float32 p times 20 is exact in float64); p = 1 -> the last bin
+        bins = (p.double() * PVALUE_BINS).long().clamp(0, PVALUE_BINS - 1)
         cell = rows.view(-1, 1, 1) * _DIAG + 4 + bins
         table.view(-1).scatter_add_(0, cell.reshape(-1), real.view(1, -1, 1).expand_as(bins).reshape(-1))
 

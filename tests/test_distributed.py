@@ -44,7 +44,10 @@ def test_totals_over_two_gloo_ranks_equal_one_process(tmp_path):
     mp.spawn(_worker, args=(2, port, str(out)), nprocs=2, join=True)
     distributed = json.loads(out.read_text())
     single = json.loads(json.dumps(_route(make_olmoe(), list(range(len(SEQUENCES)))).summary()))
-    for key in ("tokens", "k_histogram", "per_layer_mean", "mean_experts_per_token", "nonfinite_router_tokens"):
+    for key in ("tokens", "k_histogram", "per_layer_mean", "mean_experts_per_token", "nonfinite_router_tokens",
+                "diagnostics"):
         assert distributed[key] == single[key], key
+    assert len(single["diagnostics"]["per_layer"]) == 2
+    assert sum(single["diagnostics"]["per_layer"][0]["pvalue_histogram"]) == single["tokens"] * 16
     assert distributed["per_task"] == single["per_task"]
     assert set(single["per_task"]) == {"a", "b", "c"}
