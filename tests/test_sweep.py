@@ -1,9 +1,12 @@
-"""lm-eval-bh sweep on the tiny OLMoE with real lm-eval: kill it mid-way, restart, nothing lost or doubled."""
+"""lm-eval-bh sweep on tiny models with real lm-eval: kill and resume, identity of every results file,
+two sweeps at once on one folder, I/O failures, calibrated settings, and the grid it builds."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +16,10 @@ from pathlib import Path
 import pytest
 from conftest import subprocess_env
 
+from lm_eval_bh.commands import report as R
+from lm_eval_bh.commands import sweep as S
+from lm_eval_bh.errors import UsageError
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "mmlu_dev_offline,bigbench_strategyqa_offline"
 
@@ -20,17 +27,25 @@ TASKS = "mmlu_dev_offline,bigbench_strategyqa_offline"
 def tiny_model() -> Path:
     if os.environ.get("LM_EVAL_BH_TINY"):  # a prebuilt tiny model folder, if you have one
         return Path(os.environ["LM_EVAL_BH_TINY"])
-    try:
-        from lm_eval_bh.tiny import ensure_tiny_olmoe
-    except ImportError:
-        pytest.skip("lm_eval_bh.tiny is not available")
+    from lm_eval_bh.tiny import ensure_tiny_olmoe
+
     return ensure_tiny_olmoe()
 
 
-def _sweep_cmd(model: Path, out: Path, *extra: str) -> list[str]:
+def _sweep_cmd(model: Path, out: Path, *extra: str, tasks=TASKS, limit="3") -> list[str]:
     return [sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args", f"pretrained={model},dtype=float32",
-            "--tasks", TASKS, "--include_path", str(ROOT / "tasks"), "--limit", "3", "--device", "cpu",
+            "--tasks", tasks, "--include_path", str(ROOT / "tasks"), "--limit", limit, "--device", "cpu",
             "--bootstrap_iters", "0", "--output_path", str(out), *extra]
+
+
+def _run(cmd, timeout=240, **kw):
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def _leftovers(out: Path) -> list[str]:
+    """Anything in a sweep folder besides results files and their per-sample files."""
+    return sorted(f.name for f in out.iterdir() if not (f.name.endswith(".json") or f.name.endswith(".samples.jsonl")))
 
 
 def test_sweep_resume_after_kill(tmp_path):
@@ -53,40 +68,216 @@ def test_sweep_resume_after_kill(tmp_path):
         proc.stderr.close()
     first = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.json")}
     assert first and set(first) <= expected
-    # restart: finishes the rest, skips what is done, leaves no temp files
-    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    # restart: finishes the rest, skips what is done, leaves no temp or lock files
+    p = _run(cmd)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{len(first)} already done" in p.stderr
-    files = sorted(out.iterdir())
-    assert {f.stem for f in files if f.suffix == ".json"} == expected
-    assert [f.name for f in files if f.suffix != ".json"] == []  # no .tmp leftovers
+    files = sorted(out.glob("*.json"))
+    assert {f.stem for f in files} == expected
+    assert _leftovers(out) == []  # no .tmp, no .lock
     for sid, mtime in first.items():
         assert (out / f"{sid}.json").stat().st_mtime_ns == mtime  # not recomputed
     for f in files:
         data = json.loads(f.read_text())
         routing = data["config"]["routing"]
         assert set(data["results"]) >= set(TASKS.split(","))
+        assert data["config"]["use_cache"] is None and data["config"]["model"] == "olmoe_bh"
         assert routing["settings"]["max_k"] == (4 if "bh" in f.stem else int(f.stem[4:]))
         if f.stem.startswith("topk"):
             assert routing["mean_experts_per_token"] == pytest.approx(int(f.stem[4:]))
         else:
             assert 1 <= routing["mean_experts_per_token"] <= 4
             assert routing["settings"]["alpha"] == float(f.stem.split("_a")[1].split("_")[0])
-    # a third run has nothing to do and reports the table
-    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+        identity = data["sweep"]["identity"]
+        assert identity["limit"] == 3 and identity["tasks"] == TASKS.split(",") and identity["num_fewshot"] is None
+        assert len(identity["model"]["fingerprint"]) == 64 and identity["model"]["args"] == {"dtype": "float32"}
+        assert set(identity["versions"]) == {"lm_eval_bh", "lm_eval", "transformers"}
+        # the per-sample outputs: 3 items per task, with their per-item metric
+        samples = [json.loads(x) for x in (out / f"{f.stem}.samples.jsonl").read_text().splitlines()]
+        assert sorted((s["task"], s["doc_id"]) for s in samples) == sorted(
+            (t, i) for t in TASKS.split(",") for i in range(3))
+        assert all("acc" in s and "doc" not in s for s in samples)
+    # a third run has nothing to do and reports the table, with paired standard errors
+    p = _run(cmd, timeout=120)
     assert p.returncode == 0 and "0 to run" in p.stderr and "bh/zscore alpha=0.05 k=1..4" in p.stdout
+    assert "se: paired" in p.stdout and "(unpaired)" not in p.stdout
+
+
+def test_resume_identity_full_disk_and_overwrite(tmp_path):
+    """Another --limit into the same folder is a one-line error naming what differs; a full disk is a
+    one-line error naming the file, and leaves no partial results; --overwrite re-runs; the final table
+    shows the grid asked for, not other files of the folder."""
+    model = tiny_model()
+    out = tmp_path / "sweep"
+    base = ("--selections", "topk")
+    p = _run(_sweep_cmd(model, out, *base, "--topk", "1,2", tasks="mmlu_dev_offline", limit="2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    # lm-eval's custom-dataset warning: once per task, not once per setting
+    assert p.stderr.count("Custom kwargs can be passed to `--metadata`") == 1
+    old = (out / "topk1.json").read_bytes()
+
+    p = _run(_sweep_cmd(model, out, *base, "--topk", "1", tasks="mmlu_dev_offline", limit="3"))
+    errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "topk1.json" in errors[0] and "limit: 2 -> 3" in errors[0] and "--overwrite" in errors[0]
+
+    # a full disk (file size limit: the first file written fails), with --overwrite
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
+            "from lm_eval_bh.cli import main; sys.exit(main(sys.argv[1:]))")
+    cmd = _sweep_cmd(model, out, *base, "--topk", "1", "--overwrite", tasks="mmlu_dev_offline", limit="3")
+    p = _run([sys.executable, "-c", code, *cmd[3:]])
+    errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
+    assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert "cannot write" in errors[0] and str(out / "topk1.") in errors[0]
+    assert (out / "topk1.json").read_bytes() == old and _leftovers(out) == []
+
+    p = _run(_sweep_cmd(model, out, *base, "--topk", "1", "--overwrite", tasks="mmlu_dev_offline", limit="3"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / "topk1.json").read_text())["sweep"]["identity"]["limit"] == 3
+    assert "olmoe_bh top-1" in p.stdout and "top-2" not in p.stdout  # topk2.json (limit 2) is not in this grid
+    # report on the whole folder: two evaluations, never mixed
+    r = _run([sys.executable, "-m", "lm_eval_bh.cli", "report", str(out)], timeout=120)
+    assert r.returncode == 0 and "2 different evaluations" in r.stderr and "limit=2" in r.stdout and "limit=3" in r.stdout
+
+
+def test_two_sweeps_at_once_run_each_setting_once(tmp_path):
+    model = tiny_model()
+    out = tmp_path / "sweep"
+    cmd = _sweep_cmd(model, out, "--alphas", "0.05,0.5", "--topk", "1,2,4", tasks="mmlu_dev_offline", limit="2")
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        assert p.returncode == 0, se[-3000:]
+    ran = [int(se.split(" setting(s) run here")[0].rsplit("sweep: ", 1)[1]) for _, se in outs]
+    grid = {"topk1", "topk2", "topk4", "bh-zscore_a0.05_k1-4", "bh-zscore_a0.5_k1-4"}
+    assert sum(ran) == len(grid)  # every setting computed exactly once, by one of the two
+    assert {f.stem for f in out.glob("*.json")} == grid and _leftovers(out) == []
+    for f in out.glob("*.json"):
+        assert json.loads(f.read_text())["sweep"]["setting_id"] == f.stem
+    for so, _ in outs:  # each prints the complete table, also of the settings the other one ran
+        assert all(s in so for s in ("olmoe_bh top-4", "bh/zscore alpha=0.5 k=1..4"))
+
+
+def test_write_atomic_never_leaves_a_partial_file(tmp_path):
+    """A write that fails half-way (a real EFBIG from a file size limit) leaves the old file intact and
+    no new or temporary file (a plain open().write() would leave a truncated results file)."""
+    code = """
+import resource, signal, sys
+from pathlib import Path
+from lm_eval_bh.commands.sweep import write_atomic
+from lm_eval_bh.errors import UsageError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+folder = Path(sys.argv[1])
+for name in ("new.json", "old.json"):
+    try:
+        write_atomic(folder / name, '{"results": "' + "x" * 100000 + '"}')
+    except UsageError as e:
+        print(e)
+"""
+    (tmp_path / "old.json").write_text('{"results": {}}')
+    p = _run([sys.executable, "-c", code, str(tmp_path)], timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert len(lines) == 2 and all(ln.startswith("cannot write ") for ln in lines)
+    assert str(tmp_path / "new.json") in lines[0] and str(tmp_path / "old.json") in lines[1]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["old.json"]
+    assert (tmp_path / "old.json").read_text() == '{"results": {}}'
+
+
+def _tiny_mixtral(folder: Path) -> Path:
+    """A tiny Mixtral (not OLMoE) with the embedded tokenizer, saved for lm-eval."""
+    import torch
+    import transformers
+
+    from lm_eval_bh.tiny import ASSETS_TOKENIZER, _tokenizer_vocab_size
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=_tokenizer_vocab_size(), hidden_size=32, intermediate_size=16,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     max_position_embeddings=512, num_local_experts=16, num_experts_per_tok=4)
+    transformers.MixtralForCausalLM(cfg).eval().save_pretrained(folder)
+    for f in ASSETS_TOKENIZER.iterdir():
+        shutil.copyfile(f, folder / f.name)
+    return folder
+
+
+def test_calibrated_settings_any_path_and_family_model_name(tmp_path):
+    """--calibration takes a path with commas; a non-OLMoE model runs as moe_bh and is labelled so."""
+    import numpy as np
+
+    from lm_eval_bh.calibration import Calibration, save_calibration
+
+    model = _tiny_mixtral(tmp_path / "mixtral")
+    cal_dir = tmp_path / "a,b=c"
+    cal_dir.mkdir()
+    null = np.sort(np.random.default_rng(0).normal(size=(2, 256)).astype(np.float32), axis=-1)
+    cal = save_calibration(cal_dir / "cal,1.json", Calibration(null, {"model": "mixtral", "num_experts": 16}))
+    out = tmp_path / "sweep"
+    p = _run(_sweep_cmd(model, out, "--pvalues", "zscore,calibrated", "--calibration", str(cal), "--alphas", "0.2",
+                        "--topk", "1", tasks="mmlu_dev_offline", limit="2"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = {f.stem: f for f in out.glob("*.json")}
+    calibrated = next(sid for sid in files if sid.startswith("bh-calibrated_a0.2_k1-4_cal-cal_1-"))
+    assert set(files) == {"topk1", "bh-zscore_a0.2_k1-4", calibrated}
+    data = json.loads(files[calibrated].read_text())
+    assert data["config"]["model"] == "moe_bh" and data["config"]["routing"]["settings"]["calibration"] == str(cal)
+    assert data["sweep"]["identity"]["routing"]["calibration_sha256"]
+    zs = json.loads((out / "bh-zscore_a0.2_k1-4.json").read_text())["config"]["routing"]["settings"]
+    assert zs["calibration"] is None and zs["pvalue"] == "zscore"
+    assert "moe_bh top-1" in p.stdout and "olmoe_bh" not in p.stdout
+    assert "bh/calibrated alpha=0.2 k=1..4 cal=cal,1.json" in p.stdout
+
+
+def _args(**kw):
+    parser = argparse.ArgumentParser()
+    S.add_arguments(parser)
+    argv = ["--tasks", "t", "--output_path", "o"]
+    for k, v in kw.items():
+        argv += [f"--{k}", v]
+    return parser.parse_args(argv)
+
+
+def test_grid_has_distinct_settings_and_labels_name_only_what_applies():
+    grid = S.build_grid(_args(selections="bh,topp,topk", pvalues="zscore,softmax", alphas="0.05,0.2",
+                              top_ps="0.5", topk="2"), top_k=4, num_experts=16, base_routing={"temperature": "2"})
+    ids = [sid for sid, _ in grid]
+    assert ids == ["topk2",
+                   "bh-zscore_a0.05_k1-4", "bh-zscore_a0.2_k1-4", "bh-softmax_a0.05_k1-4_T2", "bh-softmax_a0.2_k1-4_T2",
+                   "topp_p0.5_k1-4"]  # top-p once: it reads neither alpha nor the p-values
+    labels = {sid: R._setting_label({**r, "mode": "patch"})[0] for sid, r in grid}
+    assert labels["topp_p0.5_k1-4"] == "topp top_p=0.5 k=1..4"
+    assert labels["bh-zscore_a0.05_k1-4"] == "bh/zscore alpha=0.05 k=1..4"  # zscore ignores the temperature
+    assert labels["bh-softmax_a0.2_k1-4_T2"] == "bh/softmax alpha=0.2 k=1..4 T=2"
+    assert labels["topk2"] == "olmoe_bh top-2"
+    # the same setting reached twice (min_k = max_k makes every rule top-k) is run once
+    grid = S.build_grid(_args(min_k="4", topk="4", alphas="0.05,0.2"), top_k=4, num_experts=16, base_routing={})
+    assert [sid for sid, _ in grid] == ["topk4"]
+
+
+def test_analyze_mode_grid_has_no_fixed_baselines():
+    grid = S.build_grid(_args(alphas="0.05"), top_k=4, num_experts=16, base_routing={"mode": "analyze"})
+    assert [sid for sid, _ in grid] == ["analyze_bh-zscore_a0.05_k1-4"]
+    with pytest.raises(UsageError, match="--topk: mode=analyze"):
+        S.build_grid(_args(topk="1,2"), top_k=4, num_experts=16, base_routing={"mode": "analyze"})
 
 
 @pytest.mark.parametrize("extra, flag", [
     (["--alphas", "0.05,1.5"], "--alphas"),
     (["--pvalues", "bogus"], "--pvalues"),
+    (["--pvalues", "calibrated"], "--pvalues calibrated needs --calibration"),
+    (["--calibration", "/no/such,file.json", "--pvalues", "calibrated"], "--calibration"),
     (["--topk", "0"], "--topk"),
     (["--model_args", "alpha=0.1"], "--model_args"),
+    (["--model_args", "calibration=x.json"], "--calibration"),
 ])
 def test_sweep_bad_input_is_one_line(tmp_path, extra, flag):
     model = tiny_model()
     cmd = _sweep_cmd(model, tmp_path / "o") + extra
-    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    p = _run(cmd, timeout=120)
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr

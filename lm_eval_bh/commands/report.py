@@ -9,9 +9,19 @@ Three small layers, each usable on its own:
 * rendering -- :func:`render` (md/csv/json) and :func:`make_plot` (matplotlib Figure).
 
 Inputs are lm-eval's own results JSON (``--output_path`` of ``lm_eval run`` or of
-``lm-eval-bh sweep``). Runs of ``--model olmoe_bh`` carry ``config["routing"]``; plain
+``lm-eval-bh sweep``). Runs of ``--model olmoe_bh``/``moe_bh`` carry ``config["routing"]``; plain
 ``--model hf`` runs do not: their expert count is the fixed top-k from ``model_args``
 (``num_experts_per_tok=K``) or from the model's config.json.
+
+What the report only admits when it can label it truthfully:
+
+* files of different evaluations (model fingerprint, limit, few-shot, dtype, versions) are never
+  mixed: each is its own group (column ``evaluation``), with its own averages, Pareto front and
+  matched-cost reference;
+* analyze-mode runs route with the stock top-k: they are labelled ``analyze:`` with the stock
+  model's cost, and are never a top-k reference or on the Pareto front;
+* a setting with an undefined (NaN) accuracy on a task has an undefined average, and is left out of
+  the Pareto front and the matched-cost comparison.
 """
 
 from __future__ import annotations
@@ -32,12 +42,16 @@ from ..model_args import parse_model_args as _parse_model_args
 AVERAGE = "(average)"
 FIXED_RULE = "top-k"
 ANALYZE_PREFIX = "analyze:"
+# Two accuracies (costs) closer than half the last printed digit are a tie on the Pareto front.
+ACC_TIE, COST_TIE = 5e-5, 5e-4
 
 # Columns of the tidy per-(setting, task) frame, in display order.
 COLUMNS = [
-    "model", "setting", "rule", "fixed_k", "alpha", "task", "metric", "acc", "stderr",
+    "model", "evaluation", "setting", "rule", "fixed_k", "alpha", "task", "metric", "acc", "stderr",
     "mean_k", "top_k", "expert_fraction", "active_params", "n_tasks", "limit", "source", "file",
 ]
+REPORT_COLUMNS = COLUMNS + ["pareto", "topk_acc_at_k", "delta_vs_topk", "delta_se", "delta_se_kind"]
+GROUP = ["model", "evaluation"]
 
 
 # --------------------------------------------------------------------------- loading
@@ -54,7 +68,6 @@ def find_result_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], l
             files.append(p)
         else:
             bad.append((str(p), "no such file or folder"))
-    # de-duplicate while keeping order
     seen: set[Path] = set()
     out = []
     for f in files:
@@ -67,10 +80,9 @@ def find_result_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], l
 
 def _as_float(x: Any) -> float:
     try:
-        v = float(x)
+        return float(x)
     except (TypeError, ValueError):
         return math.nan
-    return v
 
 
 def parse_model_args(model_args: Any) -> dict:
@@ -83,29 +95,28 @@ def parse_model_args(model_args: Any) -> dict:
 
 def primary_metric(task_result: dict) -> tuple[str | None, float, float]:
     """(metric name, value, stderr): acc_norm if present, else acc, else the first metric."""
-    metrics: dict[str, tuple[float, float]] = {}
-    order: list[str] = []
+    name, _, value, se = _primary_metric(task_result)
+    return name, value, se
+
+
+def _primary_metric(task_result: dict) -> tuple[str | None, str, float, float]:
+    """(metric name, filter, value, stderr); a metric whose value is NaN stays (as NaN)."""
+    metrics: dict[str, tuple[str, float, float]] = {}
     for key, val in task_result.items():
         if key == "alias" or "," not in key:
             continue
         name, filt = key.split(",", 1)
-        if name.endswith("_stderr"):
-            continue
-        if isinstance(val, (list, dict)) or isinstance(val, bool):
+        if name.endswith("_stderr") or isinstance(val, (list, dict, bool)):
             continue
         v = _as_float(val)
         if math.isnan(v) and not isinstance(val, (int, float)):
             continue
-        se = _as_float(task_result.get(f"{name}_stderr,{filt}"))
         if name not in metrics:
-            metrics[name] = (v, se)
-            order.append(name)
-    for name in ("acc_norm", "acc"):
+            metrics[name] = (filt, v, _as_float(task_result.get(f"{name}_stderr,{filt}")))
+    for name in ("acc_norm", "acc", *metrics):
         if name in metrics:
             return (name, *metrics[name])
-    if order:
-        return (order[0], *metrics[order[0]])
-    return (None, math.nan, math.nan)
+    return (None, "none", math.nan, math.nan)
 
 
 def params_from_config(cfg: Any) -> dict | None:
@@ -145,41 +156,31 @@ def read_model_config(pretrained: str):
     return AutoConfig.from_pretrained(pretrained, local_files_only=True)
 
 
-def _setting_label(settings: dict) -> tuple[str, str, int | None, float]:
-    """(setting label, rule, fixed k or None, alpha) from config["routing"]["settings"]."""
-    sel = str(settings.get("selection", "bh"))
-    pv = str(settings.get("pvalue", "zscore"))
-    min_k = settings.get("min_k")
-    max_k = settings.get("max_k")
-    alpha = _as_float(settings.get("alpha"))
-    fixed = None
-    if sel == "topk":
-        fixed = settings.get("k") or max_k
-    elif min_k is not None and max_k is not None and int(min_k) == int(max_k):
-        fixed = min_k
-    if fixed is not None:
-        fixed = int(fixed)
-        return f"olmoe_bh top-{fixed}", FIXED_RULE, fixed, math.nan
-    from ..routing import SELECTIONS
+def recorded_config(settings: dict):
+    """The `RoutingConfig` a results file records, as it was run: not validated again (its calibration
+    file, say, may live elsewhere now), only read for its label."""
+    from ..config import RoutingConfig
 
-    spec = SELECTIONS.get(sel)
-    # top-p reads the softmax mass, not the p-values
-    rule = sel if spec is not None and not spec.uses_pvalues else f"{sel}/{pv}"
-    if settings.get("mode") == "analyze":
-        # analyze mode routes with the stock top-k and only records what the rule would pick:
-        # its accuracy is top-k's, so it is its own curve and never a matched-cost point
+    cfg = object.__new__(RoutingConfig)
+    for name, field in RoutingConfig.__dataclass_fields__.items():
+        object.__setattr__(cfg, name, settings.get(name, field.default))
+    return cfg
+
+
+def _setting_label(settings: dict, source: str = "olmoe_bh") -> tuple[str, str, int | None, float]:
+    """(setting label, rule, fixed k or None, alpha) from config["routing"]["settings"]; the label
+    names only the parameters that change the routing (`RoutingConfig.label`)."""
+    cfg = recorded_config(settings)
+    effective = dict(cfg.effective())
+    label = cfg.label()
+    if "k" in effective and cfg.mode != "analyze":
+        return f"{source} {label}", FIXED_RULE, int(effective["k"]), math.nan
+    rule = str(effective.get("selection", "topk")) + (f"/{effective['pvalue']}" if "pvalue" in effective else "")
+    if cfg.mode == "analyze":
+        # analyze mode routes with the stock top-k and only records what the rule would pick: its
+        # accuracy and cost are the stock model's, so it is its own curve and never a reference
         rule = ANALYZE_PREFIX + rule
-    parts = [rule]
-    parts += [f"{name}={settings.get(name)}" for name in (spec.params if spec is not None else ("alpha",))]
-    parts.append(f"k={min_k}..{max_k}")
-    temp = settings.get("temperature")
-    if temp is not None and _as_float(temp) != 1.0:
-        parts.append(f"T={temp}")
-    if settings.get("renormalize"):
-        parts.append("renorm")
-    if settings.get("calibration"):
-        parts.append(f"cal={Path(str(settings['calibration'])).name}")
-    return " ".join(parts), rule, None, alpha
+    return label, rule, None, _as_float(effective.get("alpha"))
 
 
 def _leaf_tasks(data: dict) -> list[str]:
@@ -189,14 +190,35 @@ def _leaf_tasks(data: dict) -> list[str]:
     return leaves or list(results)
 
 
+def evaluation_key(data: dict, margs: dict, pretrained: str) -> dict:
+    """What must agree for two files' numbers to be compared (None = not recorded, matches anything)."""
+    identity = (data.get("sweep") or {}).get("identity") or {}
+    model = identity.get("model") or {}
+    versions = identity.get("versions") or {}
+    limit = _as_float(data.get("config", {}).get("limit"))
+    shots = sorted({str(v) for t, v in (data.get("n-shot") or {}).items() if t in _leaf_tasks(data)})
+    sha = (data.get("config") or {}).get("model_sha")
+    return {
+        "model": pretrained,
+        "fingerprint": model.get("fingerprint") or model.get("revision") or sha or None,
+        "limit": None if math.isnan(limit) else limit,
+        "num_fewshot": ",".join(shots) or None,
+        "dtype": str(margs.get("dtype")) if margs.get("dtype") is not None else None,
+        "lm_eval": data.get("lm_eval_version") or versions.get("lm_eval"),
+        "transformers": data.get("transformers_version") or versions.get("transformers"),
+        "lm_eval_bh": versions.get("lm_eval_bh"),
+    }
+
+
 def load_results(files: Iterable[Path], config_reader=read_model_config) -> tuple["pd.DataFrame", list[tuple[str, str]]]:
     """Read lm-eval results files into a tidy frame (one row per file and task).
 
     Returns (frame, skipped) where skipped lists (file, reason) for files that could not be
     read (corrupt JSON, not an lm-eval results file, missing model config for an hf run...).
+    Each row's ``evaluation`` names its group of comparable files (see `assign_evaluations`).
     """
-
     rows: list[dict] = []
+    keys: list[dict] = []
     skipped: list[tuple[str, str]] = []
     config_cache: dict[str, Any] = {}
 
@@ -216,50 +238,105 @@ def load_results(files: Iterable[Path], config_reader=read_model_config) -> tupl
             skipped.append((str(f), f"unreadable ({type(e).__name__}: {str(e)[:80]})"))
             continue
         try:
-            new_rows, note = _rows_from_results(data, str(f), get_cfg)
+            new_rows, note, key = _rows_from_results(data, Path(f), get_cfg)
         except Exception as e:  # noqa: BLE001 - a malformed file must never stop the report
             skipped.append((str(f), f"malformed results ({type(e).__name__}: {str(e)[:80]})"))
             continue
         if note:
             skipped.append((str(f), note))
+        for r in new_rows:
+            r["_key"] = len(keys)
+        if new_rows:
+            keys.append(key)
         rows.extend(new_rows)
-    frame = pd.DataFrame(rows)
-    return frame, skipped
+    labels = assign_evaluations(keys)
+    for r in rows:
+        r["evaluation"] = labels[r.pop("_key")]
+    return pd.DataFrame(rows), skipped
 
 
-def _rows_from_results(data: Any, fname: str, get_cfg) -> tuple[list[dict], str | None]:
+def assign_evaluations(keys: list[dict]) -> list[str]:
+    """A label per file key: files whose keys agree (a field not recorded agrees with anything, but
+    must not join two different groups) share one. The label names the fields that tell the groups
+    of one model apart ("" where the model has one group)."""
+    groups: list[dict] = []
+    member: list[int] = [0] * len(keys)
+    order = sorted(range(len(keys)), key=lambda i: sum(v is None for v in keys[i].values()))
+    for i in order:
+        k = keys[i]
+        fits = [g for g, gk in enumerate(groups)
+                if gk["model"] == k["model"] and all(a is None or b is None or a == b
+                                                     for f, a in k.items() for b in [gk.get(f)])]
+        if len(fits) == 1:
+            g = fits[0]
+            groups[g].update({f: v for f, v in k.items() if v is not None})
+        else:
+            g = len(groups)
+            groups.append(dict(k))
+        member[i] = g
+    names = []
+    for g, gk in enumerate(groups):
+        same_model = [o for o in groups if o["model"] == gk["model"]]
+        if len(same_model) == 1:
+            names.append("")
+            continue
+        differ = [f for f in gk if f != "model" and len({str(o.get(f)) for o in same_model}) > 1]
+        names.append(" ".join(f"{f}={_short(gk.get(f))}" for f in differ) or f"#{g + 1}")
+    return [names[g] for g in member]
+
+
+def _short(v) -> str:
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v))
+    s = str(v)
+    return s[:10] if len(s) == 64 else s  # a sha256 fingerprint: its first digits
+
+
+def samples_source(file: Path, data: dict, task: str) -> tuple[Path, bool] | None:
+    """Where the per-sample outputs of `task` are: a sweep's ``<id>.samples.jsonl`` (all tasks, one
+    "task" field per line) or lm-eval's ``samples_<task>_<date>.jsonl`` next to ``results_<date>.json``."""
+    if isinstance(data.get("sweep"), dict):
+        path = file.with_name(file.stem + ".samples.jsonl")
+        return (path, True) if path.is_file() else None
+    if file.name.startswith("results_"):
+        path = file.with_name(f"samples_{task}_{file.name[len('results_'):-len('.json')]}.jsonl")
+        return (path, False) if path.is_file() else None
+    return None
+
+
+def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str | None, dict]:
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or not data["results"]:
-        return [], "not an lm-eval results file (no 'results')"
+        return [], "not an lm-eval results file (no 'results')", {}
     config = data.get("config") or {}
     margs = parse_model_args(config.get("model_args"))
     pretrained = str(margs.get("pretrained") or data.get("model_name") or config.get("model") or "?")
     routing = config.get("routing")
     date = _as_float(data.get("date"))
     limit = config.get("limit")
+    source = str(config.get("model") or "?")
     note = None
 
     per_task_k: dict[str, dict] = {}
     if isinstance(routing, dict):
         settings = routing.get("settings") or {}
-        setting, rule, fixed_k, alpha = _setting_label(settings)
+        setting, rule, fixed_k, alpha = _setting_label(settings, source)
         model_info = routing.get("model") or {}
         top_k = _as_float(model_info.get("top_k"))
         mean_k = _as_float(routing.get("mean_experts_per_token"))
         active = _as_float(routing.get("active_params_per_token"))
         dense = _as_float(model_info.get("dense_params"))
-        if not math.isnan(active) and not math.isnan(dense) and mean_k and mean_k > 0:
+        per_k = _as_float(model_info.get("params_per_expert")) * _as_float(model_info.get("num_layers"))
+        if math.isnan(per_k) and not math.isnan(active) and not math.isnan(dense) and mean_k and mean_k > 0:
             per_k = (active - dense) / mean_k
+        if rule.startswith(ANALYZE_PREFIX):
+            # the stock model ran: its cost is top_k experts per token, whatever the rule would pick
+            setting += f" (routes stock top-{_short(top_k)}; the rule would use {mean_k:.3f})"
+            mean_k = top_k
         else:
-            ppe = _as_float(model_info.get("params_per_expert"))
-            nl = _as_float(model_info.get("num_layers"))
-            per_k = ppe * nl
-            if math.isnan(active):
-                active = dense + per_k * mean_k
-        per_task_k = routing.get("per_task") or {}
-        source = "olmoe_bh"
+            per_task_k = routing.get("per_task") or {}
+        if math.isnan(active) or rule.startswith(ANALYZE_PREFIX):
+            active = dense + per_k * mean_k
     else:
-        model_name = str(config.get("model", "hf"))
-        source = model_name
         cfg = get_cfg(pretrained)
         override = margs.get("num_experts_per_tok")
         if isinstance(cfg, Exception):
@@ -278,14 +355,14 @@ def _rows_from_results(data: Any, fname: str, get_cfg) -> tuple[list[dict], str 
         active = dense + per_k * k
         alpha = math.nan
         rule = FIXED_RULE
-        setting = f"{model_name} top-{fixed_k if fixed_k is not None else '?'}"
+        setting = f"{source} top-{fixed_k if fixed_k is not None else '?'}"
 
     rows = []
     for task in _leaf_tasks(data):
         res = data["results"][task]
         if not isinstance(res, dict):
             continue
-        metric, acc, se = primary_metric(res)
+        metric, filt, acc, se = _primary_metric(res)
         if metric is None:
             continue
         t_k = mean_k
@@ -296,54 +373,59 @@ def _rows_from_results(data: Any, fname: str, get_cfg) -> tuple[list[dict], str 
         if not math.isnan(per_k) and not math.isnan(dense) and not math.isnan(t_k):
             t_active = dense + per_k * t_k
         rows.append({
-            "model": pretrained,
-            "setting": setting,
-            "rule": rule,
-            "fixed_k": fixed_k,
-            "alpha": alpha,
-            "task": task,
-            "metric": metric,
-            "acc": acc,
-            "stderr": se,
-            "mean_k": t_k,
-            "top_k": top_k,
+            "model": pretrained, "setting": setting, "rule": rule, "fixed_k": fixed_k, "alpha": alpha,
+            "task": task, "metric": metric, "acc": acc, "stderr": se, "mean_k": t_k, "top_k": top_k,
             "expert_fraction": t_k / top_k if top_k and not math.isnan(top_k) else math.nan,
-            "active_params": t_active,
-            "n_tasks": 1,
-            "limit": limit,
-            "source": source,
-            "file": fname,
+            "active_params": t_active, "n_tasks": 1, "limit": limit, "source": source, "file": str(file),
             "_date": date,
             "_tokens": _as_float(pt.get("tokens")) if isinstance(pt, dict) else math.nan,
-            "_dense": dense,
-            "_per_k": per_k,
+            "_dense": dense, "_per_k": per_k,
+            "_filter": filt, "_samples": samples_source(file, data, task),
         })
     if not rows:
-        return [], "no task with a numeric metric"
-    return rows, note
+        return [], "no task with a numeric metric", {}
+    return rows, note, evaluation_key(data, margs, pretrained)
+
+
+def load_item_scores(source: tuple[Path, bool] | None, task: str, metric: str, filt: str) -> dict | None:
+    """{doc_id: the metric's per-item value} from a per-sample file (None if there is none)."""
+    if source is None:
+        return None
+    path, has_task = source
+    out = {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                s = json.loads(line)
+                if (has_task and s.get("task") != task) or s.get("filter", "none") != filt or metric not in s:
+                    continue
+                out[s["doc_id"]] = _as_float(s[metric])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return out or None
 
 
 # --------------------------------------------------------------------------- computing
 
 def dedupe(df: "pd.DataFrame") -> tuple["pd.DataFrame", list[str]]:
-    """Keep the newest file per (model, setting, task); returns the shadowed files too."""
+    """Keep the newest file per (model, evaluation, setting, task); returns the shadowed files too."""
     if df.empty:
         return df, []
     df = df.sort_values("_date", na_position="first", kind="stable")
-    dup = df.duplicated(["model", "setting", "task"], keep="last")
+    dup = df.duplicated(GROUP + ["setting", "task"], keep="last")
     shadowed = sorted(set(df.loc[dup, "file"]) - set(df.loc[~dup, "file"]))
     return df.loc[~dup].copy(), shadowed
 
 
 def add_average(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Append one AVERAGE row per (model, setting): the mean over the tasks that every setting
-    of that model has (so averages compare like with like). Its stderr assumes independent
-    tasks; its mean_k is token-weighted when per-task token counts exist."""
-
+    """Append one AVERAGE row per setting: the mean over the tasks that every setting of its
+    evaluation group has (so averages compare like with like). A NaN on any of those tasks makes
+    the average NaN (the denominator never shrinks). Its stderr assumes independent tasks; its
+    mean_k is token-weighted when per-task token counts exist."""
     if df.empty:
         return df
     out = [df]
-    for model, g in df.groupby("model", sort=False):
+    for _, g in df.groupby(GROUP, sort=False):
         sets = [set(s["task"]) for _, s in g.groupby("setting", sort=False)]
         common = set.intersection(*sets) if sets else set()
         for setting, s in g.groupby("setting", sort=False):
@@ -362,94 +444,172 @@ def add_average(df: "pd.DataFrame") -> "pd.DataFrame":
             row.update({
                 "task": AVERAGE,
                 "metric": "/".join(sorted(set(use["metric"]))),
-                "acc": float(use["acc"].mean()),
+                "acc": float(np.mean(use["acc"].to_numpy(dtype=float))),  # NaN if any task is NaN
                 "stderr": float(np.sqrt(np.sum(se ** 2)) / n) if np.all(np.isfinite(se)) else math.nan,
                 "mean_k": mk,
                 "expert_fraction": mk / first["top_k"] if first["top_k"] and np.isfinite(first["top_k"]) else math.nan,
                 "active_params": dense + per_k * mk if np.isfinite(dense) and np.isfinite(per_k) else first["active_params"],
                 "n_tasks": n,
                 "file": ";".join(sorted(set(use["file"]))),
+                "_tasks": tuple(sorted(use["task"])),
+                "_samples": None,
             })
             out.append(pd.DataFrame([row]))
     return pd.concat(out, ignore_index=True)
 
 
-def pareto_mask(acc, cost) -> list[bool]:
-    """True where no other point has acc >= and cost <= with one of them strict (NaNs never on it)."""
+def undefined_settings(rep: "pd.DataFrame") -> list[str]:
+    """'setting (task, ...)' for each setting whose average is undefined because a task's metric is NaN."""
+    out = []
+    for (_, _, setting), g in rep.groupby(GROUP + ["setting"], sort=False):
+        bad = g[(g["task"] != AVERAGE) & g["acc"].isna()]
+        if len(bad):
+            out.append(f"{setting} ({', '.join(bad['task'])})")
+    return out
+
+
+def pareto_mask(acc, cost, acc_tol: float = ACC_TIE, cost_tol: float = COST_TIE) -> list[bool]:
+    """True where no other point has acc >= and cost <= with one of them better by more than the
+    tolerance (NaNs never on it). Points tied within the tolerances are starred once: the first."""
     pts = list(zip(acc, cost))
+    ok = [math.isfinite(a) and math.isfinite(c) for a, c in pts]
     mask = []
     for i, (a, c) in enumerate(pts):
-        if not (math.isfinite(a) and math.isfinite(c)):
+        if not ok[i]:
             mask.append(False)
             continue
-        dominated = any(
-            j != i and math.isfinite(a2) and math.isfinite(c2) and a2 >= a and c2 <= c and (a2 > a or c2 < c)
-            for j, (a2, c2) in enumerate(pts)
-        )
+        dominated = False
+        for j, (a2, c2) in enumerate(pts):
+            if j == i or not ok[j] or a2 < a - acc_tol or c2 > c + cost_tol:
+                continue
+            tie = abs(a2 - a) <= acc_tol and abs(c2 - c) <= cost_tol
+            if not tie or j < i:  # strictly better beyond a tolerance, or an earlier tie
+                dominated = True
+                break
         mask.append(not dominated)
     return mask
 
 
 def mark_pareto(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Column 'pareto': on the max-accuracy / min-mean-k frontier of the task average, per model."""
+    """Column 'pareto': on the max-accuracy / min-mean-k frontier of the task average, per group;
+    fixed top-k first among ties, analyze runs and undefined accuracies never on it."""
     df = df.copy()
     df["pareto"] = False
-    avg = df["task"] == AVERAGE
-    cand = avg & ~df["rule"].str.startswith(ANALYZE_PREFIX)
-    for _, g in df[cand].groupby("model", sort=False):
-        m = pareto_mask(g["acc"].tolist(), g["mean_k"].tolist())
-        df.loc[g.index, "pareto"] = m
+    cand = (df["task"] == AVERAGE) & ~df["rule"].str.startswith(ANALYZE_PREFIX) & df["acc"].notna()
+    for _, g in df[cand].groupby(GROUP, sort=False):
+        g = g.assign(_adaptive=g["rule"] != FIXED_RULE).sort_values(["_adaptive", "mean_k", "setting"], kind="stable")
+        df.loc[g.index, "pareto"] = pareto_mask(g["acc"].tolist(), g["mean_k"].tolist())
     return df
+
+
+def interpolation_weights(ks, at: float) -> list[tuple[float, float]]:
+    """[(k, weight)] of the fixed-k points (distinct ks) whose linear interpolation gives mean k
+    `at`; [] outside their range (no extrapolation)."""
+    xs = sorted({float(k) for k in ks if math.isfinite(k)})
+    if not xs or not math.isfinite(at) or at < xs[0] - 1e-9 or at > xs[-1] + 1e-9:
+        return []
+    hi = next(i for i, x in enumerate(xs) if x >= at - 1e-9)
+    if abs(xs[hi] - at) <= 1e-9 or hi == 0:
+        return [(xs[hi], 1.0)]
+    lo = hi - 1
+    w = (at - xs[lo]) / (xs[hi] - xs[lo])
+    return [(xs[lo], 1.0 - w), (xs[hi], w)]
 
 
 def interpolate_fixed(ks, accs, at: float) -> float:
     """Stock top-k accuracy at mean k = ``at``: linear between the fixed-k points present
     (several points at one k are averaged); NaN outside their range (no extrapolation)."""
-
     pts: dict[float, list[float]] = {}
     for k, a in zip(ks, accs):
         if math.isfinite(k) and math.isfinite(a):
             pts.setdefault(float(k), []).append(float(a))
-    if not pts or not math.isfinite(at):
-        return math.nan
-    xs = sorted(pts)
-    ys = [float(np.mean(pts[x])) for x in xs]
-    if at < xs[0] - 1e-9 or at > xs[-1] + 1e-9:
-        return math.nan
-    return float(np.interp(at, xs, ys))
+    ws = interpolation_weights(list(pts), at)
+    return float(sum(w * np.mean(pts[k]) for k, w in ws)) if ws else math.nan
+
+
+def _paired_task(row, task: str, refs: dict, weights) -> tuple[float, float, int] | None:
+    """(mean, variance of the mean, n) of the per-item differences of `row` on `task` against the
+    interpolated fixed top-k, or None without matching per-sample outputs."""
+    mine = load_item_scores(row["_samples"], task, row["metric"], row["_filter"])
+    if mine is None:
+        return None
+    ref = np.zeros(len(mine))
+    ids = sorted(mine)
+    for k, w in weights:
+        runs = [load_item_scores(r["_samples"], task, r["metric"], r["_filter"]) for r in refs.get(k, [])]
+        if not runs or any(s is None or sorted(s) != ids for s in runs):
+            return None
+        ref += w * np.mean([[s[i] for i in ids] for s in runs], axis=0)
+    d = np.array([mine[i] for i in ids]) - ref
+    if not np.all(np.isfinite(d)):
+        return None
+    var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else math.nan
+    return float(d.mean()), var, len(d)
 
 
 def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Columns 'topk_acc_at_k' (stock top-k interpolated at the same mean k, same model and task)
-    and 'delta_vs_topk' (acc minus it) for adaptive settings."""
+    """For adaptive settings: 'topk_acc_at_k' (stock top-k of the same group and task interpolated at
+    the same mean k), 'delta_vs_topk' (acc minus it) and its standard error 'delta_se'.
+
+    The SE is paired ('delta_se_kind' = "paired") where per-sample outputs of the same items exist
+    for the setting and its fixed-k references: the SE of the per-item differences against the
+    interpolated top-k (for the task average: the per-task SEs combined as independent tasks).
+    Otherwise it is the unpaired SE from the tasks' own SEs ("unpaired")."""
     df = df.copy()
-    df["topk_acc_at_k"] = math.nan
-    df["delta_vs_topk"] = math.nan
-    for _, g in df.groupby(["model", "task"], sort=False):
-        fixed = g[g["rule"] == FIXED_RULE]
+    for c in ("topk_acc_at_k", "delta_vs_topk", "delta_se"):
+        df[c] = math.nan
+    df["delta_se_kind"] = ""
+    for _, g in df.groupby(GROUP + ["task"], sort=False):
+        fixed = g[(g["rule"] == FIXED_RULE) & g["acc"].notna()]
         if fixed.empty:
             continue
-        ks = fixed["fixed_k"].astype(float).tolist()
-        accs = fixed["acc"].tolist()
-        adaptive = (g["rule"] != FIXED_RULE) & ~g["rule"].str.startswith(ANALYZE_PREFIX)
+        adaptive = (g["rule"] != FIXED_RULE) & ~g["rule"].str.startswith(ANALYZE_PREFIX) & g["acc"].notna()
         for idx, row in g[adaptive].iterrows():
-            ref = interpolate_fixed(ks, accs, float(row["mean_k"]))
+            weights = interpolation_weights(fixed["fixed_k"].astype(float).tolist(), float(row["mean_k"]))
+            if not weights:
+                continue
+            at_k = {k: fixed[fixed["fixed_k"].astype(float) == k] for k, _ in weights}
+            ref = sum(w * at_k[k]["acc"].mean() for k, w in weights)
             df.at[idx, "topk_acc_at_k"] = ref
             df.at[idx, "delta_vs_topk"] = row["acc"] - ref
+            se, kind = _delta_se(df, row, weights, at_k)
+            df.at[idx, "delta_se"] = se
+            df.at[idx, "delta_se_kind"] = kind
     return df
 
 
-def build_report(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Tidy frame -> report frame: de-duplicated, with averages, Pareto marks and matched-cost columns."""
+def _delta_se(df, row, weights, at_k) -> tuple[float, str]:
+    tasks = row["_tasks"] if row["task"] == AVERAGE else (row["task"],)
+    per_task = df[(df["model"] == row["model"]) & (df["evaluation"] == row["evaluation"]) & (df["task"] != AVERAGE)]
+    paired = []
+    for t in tasks:
+        mine = per_task[(per_task["setting"] == row["setting"]) & (per_task["task"] == t)]
+        refs = {k: [r for _, r in per_task[(per_task["rule"] == FIXED_RULE) & (per_task["task"] == t)
+                                            & (per_task["fixed_k"].astype(float) == k)].iterrows()]
+                for k, _ in weights}
+        res = _paired_task(mine.iloc[0], t, refs, weights) if len(mine) == 1 else None
+        if res is None:
+            paired = None
+            break
+        paired.append(res)
+    if paired:
+        return math.sqrt(sum(v for _, v, _ in paired)) / len(paired), "paired"
+    var = row["stderr"] ** 2 + sum((w ** 2) * at_k[k]["stderr"].mean() ** 2 for k, w in weights)
+    return (math.sqrt(var) if math.isfinite(var) else math.nan), "unpaired"
 
+
+def build_report(df: "pd.DataFrame") -> "pd.DataFrame":
+    """Tidy frame -> report frame: with averages, Pareto marks and matched-cost columns."""
     if df.empty:
-        return pd.DataFrame(columns=COLUMNS + ["pareto", "topk_acc_at_k", "delta_vs_topk"])
+        return pd.DataFrame(columns=REPORT_COLUMNS)
+    if "evaluation" not in df.columns:
+        df = df.assign(evaluation="")
     df = add_average(df)
     df = mark_pareto(df)
     df = add_matched_cost(df)
     df["_fixed_first"] = (df["rule"] != FIXED_RULE).astype(int)
-    df = df.sort_values(["model", "task", "_fixed_first", "rule", "mean_k", "setting"], kind="stable")
-    df = df[[c for c in COLUMNS + ["pareto", "topk_acc_at_k", "delta_vs_topk"] if c in df.columns]]
+    df = df.sort_values(["model", "evaluation", "task", "_fixed_first", "rule", "mean_k", "setting"], kind="stable")
+    df = df[[c for c in REPORT_COLUMNS if c in df.columns]]
     return df.reset_index(drop=True)
 
 
@@ -476,26 +636,38 @@ def _short_model(m: str) -> str:
     return Path(m).name if os.sep in m or "/" in m else m
 
 
+def _fmt_delta(r) -> str:
+    if not math.isfinite(r["delta_vs_topk"]):
+        return ""
+    se = f" ± {r['delta_se']:.4f}" if math.isfinite(r["delta_se"]) else ""
+    return f"{r['delta_vs_topk']:+.4f}{se}" + (" (unpaired)" if se and r["delta_se_kind"] == "unpaired" else "")
+
+
+def _group_columns(frame: "pd.DataFrame", r) -> dict:
+    row = {}
+    if frame["model"].nunique() > 1:
+        row["model"] = _short_model(r["model"])
+    if (frame["evaluation"] != "").any():
+        row["evaluation"] = r["evaluation"]
+    return row
+
+
 def summary_table(rep: "pd.DataFrame") -> "pd.DataFrame":
     """One row per setting (task average), human-formatted."""
-
     avg = rep[rep["task"] == AVERAGE]
-    multi_model = avg["model"].nunique() > 1
     rows = []
     for _, r in avg.iterrows():
-        row = {}
-        if multi_model:
-            row["model"] = _short_model(r["model"])
+        row = _group_columns(avg, r)
         row.update({
             "setting": r["setting"],
             "rule": r["rule"],
             "tasks": int(r["n_tasks"]),
-            "acc ± se": f"{_fmt(r['acc'])} ± {_fmt(r['stderr'])}" if math.isfinite(r["stderr"]) else _fmt(r["acc"]),
+            "acc ± se": f"{_fmt(r['acc'])} ± {_fmt(r['stderr'])}" if math.isfinite(r["stderr"]) else _fmt(r["acc"]) or "NaN",
             "mean k": _fmt(r["mean_k"], 3),
             "k / top-k": _fmt(r["expert_fraction"], 3),
             "active params": _fmt_params(r["active_params"]),
             "top-k acc @ same k": _fmt(r["topk_acc_at_k"]),
-            "Δ vs top-k": f"{r['delta_vs_topk']:+.4f}" if math.isfinite(r["delta_vs_topk"]) else "",
+            "Δ vs top-k ± se": _fmt_delta(r),
             "pareto": "*" if r["pareto"] else "",
         })
         rows.append(row)
@@ -503,30 +675,21 @@ def summary_table(rep: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def per_task_table(rep: "pd.DataFrame") -> "pd.DataFrame":
-
     t = rep[rep["task"] != AVERAGE]
-    multi_model = t["model"].nunique() > 1
     rows = []
     for _, r in t.iterrows():
-        row = {"model": _short_model(r["model"])} if multi_model else {}
+        row = _group_columns(t, r)
         row.update({
             "task": r["task"], "setting": r["setting"], "metric": r["metric"],
-            "value": _fmt(r["acc"]), "stderr": _fmt(r["stderr"]), "mean k": _fmt(r["mean_k"], 3),
-            "Δ vs top-k": f"{r['delta_vs_topk']:+.4f}" if math.isfinite(r["delta_vs_topk"]) else "",
+            "value": _fmt(r["acc"]) or "NaN", "stderr": _fmt(r["stderr"]), "mean k": _fmt(r["mean_k"], 3),
+            "Δ vs top-k ± se": _fmt_delta(r),
         })
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _to_markdown(frame: "pd.DataFrame") -> str:
-    try:
-        return frame.to_markdown(index=False)
-    except ImportError:  # tabulate missing: plain pipe table
-        cols = list(frame.columns)
-        lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-        for _, r in frame.iterrows():
-            lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
-        return "\n".join(lines)
+    return frame.to_markdown(index=False, disable_numparse=True)
 
 
 def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
@@ -536,43 +699,62 @@ def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
         return rep.to_json(orient="records", indent=2)
     if rep.empty:
         return "(no results)\n"
+    kinds = set(rep.loc[rep["delta_vs_topk"].notna(), "delta_se_kind"])
+    se_note = {"paired": "se: paired, from the per-item differences on the same items",
+               "unpaired": "se: unpaired (no per-sample outputs for this row or its top-k references)"}
     parts = ["## Task average per setting (Pareto: * = max accuracy for min mean experts per token)\n",
+             "Δ vs top-k: accuracy minus the stock top-k accuracy interpolated at the same mean k; "
+             + "; ".join(se_note[k] for k in sorted(kinds) if k in se_note) + ".\n" if kinds else "",
              _to_markdown(summary_table(rep)), "",
              "## Per task (primary metric: acc_norm, else acc, else the task's first metric)\n",
              _to_markdown(per_task_table(rep)), ""]
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p is not None)
+
+
+def _point_label(r) -> str:
+    if r["rule"] == FIXED_RULE:
+        return f"k={_short(r['mean_k'])}" if math.isfinite(r["mean_k"]) else ""
+    if math.isfinite(_as_float(r.get("alpha"))):
+        return f"α={r['alpha']:g}"
+    return r["setting"].split(" ")[1] if " " in r["setting"] else r["setting"]
 
 
 def make_plot(rep: "pd.DataFrame", task: str = AVERAGE):
-    """Accuracy vs mean experts per token, one curve per rule (fixed top-k: dashed reference).
+    """Accuracy vs mean experts per token, one curve per rule (fixed top-k: dashed reference), each
+    point labelled with its alpha (top_p, or k); the legend sits outside the axes.
     Returns the matplotlib Figure (not saved)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(8.5, 4.5))
     ax = fig.add_subplot(1, 1, 1)
     d = rep[rep["task"] == task]
-    multi_model = d["model"].nunique() > 1
-    for (model, rule), g in d.groupby(["model", "rule"], sort=True):
+    multi = d.groupby(GROUP).ngroups > 1
+    for (model, evaluation, rule), g in d.groupby(GROUP + ["rule"], sort=True):
         g = g[g["mean_k"].notna() & g["acc"].notna()]
         if g.empty:
             continue
         if rule == FIXED_RULE:
             # several fixed runs at one k (hf and olmoe_bh) collapse into one point
-            g = g.groupby("mean_k", as_index=False).agg(acc=("acc", "mean"), stderr=("stderr", "mean"))
+            g = g.groupby("mean_k", as_index=False).agg(acc=("acc", "mean"), stderr=("stderr", "mean"),
+                                                       rule=("rule", "first"), setting=("setting", "first"))
         g = g.sort_values("mean_k")
-        label = f"{_short_model(model)}: {rule}" if multi_model else rule
+        name = " ".join(x for x in (_short_model(model), evaluation) if x)
+        label = f"{name}: {rule}" if multi else rule
         yerr = g["stderr"].fillna(0).to_numpy()
         style = dict(linestyle="--", color="black", marker="s") if rule == FIXED_RULE else dict(marker="o")
         ax.errorbar(g["mean_k"], g["acc"], yerr=yerr, capsize=3, label=label, **style)
+        for _, r in g.iterrows():
+            ax.annotate(_point_label(r), (r["mean_k"], r["acc"]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=7)
     ax.set_xlabel("mean experts per token")
     ax.set_ylabel("accuracy (task average)" if task == AVERAGE else f"accuracy ({task})")
     ax.set_title("Accuracy vs expert compute")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[1]:
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
     return fig
 
 
@@ -587,26 +769,60 @@ def add_arguments(parser) -> None:
                         help="accuracy vs mean experts per token, one curve per rule")
 
 
+def _check_writable(flag: str, path) -> Path:
+    """One line naming the path if it cannot be a file we write (checked before any work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag}: {path} is a folder; give a file name")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"{flag}: cannot write {path}: permission denied or not a folder")
+    return path
+
+
+def _write(flag: str, path: Path, write) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(path)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write {path}: {e.strerror or e}") from None
+
+
 def report(paths, fmt="md", output=None, plot=None, err=None) -> tuple[str, "pd.DataFrame"]:
-    """Library entry: files -> rendered text (also written to ``output``/``plot`` if given)."""
+    """Library entry: files -> rendered text (also written to ``output``/``plot`` if given; each file
+    written is named on `err`)."""
     err = err or sys.stderr
+    output = _check_writable("--output", output) if output else None
+    plot = _check_writable("--plot", plot) if plot else None
     files, missing = find_result_files(paths)
     df, skipped = load_results(files)
     for name, why in missing + skipped:
         print(f"lm-eval-bh report: skipped {name}: {why}", file=err)
+    if not df.empty and (df["evaluation"] != "").any():
+        for model, g in df.groupby("model"):
+            if g["evaluation"].nunique() > 1:
+                print(f"lm-eval-bh report: {_short_model(model)}: files of {g['evaluation'].nunique()} different "
+                      f"evaluations ({'; '.join(sorted(g['evaluation'].unique()))}); each is reported on its own "
+                      "(column 'evaluation'), never mixed", file=err)
     df, shadowed = dedupe(df)
     if shadowed:
         print(f"lm-eval-bh report: {len(shadowed)} older file(s) with the same setting ignored "
               f"(newest kept): {', '.join(shadowed)}", file=err)
     rep = build_report(df)
+    undefined = undefined_settings(rep) if not rep.empty else []
+    if undefined:
+        print("lm-eval-bh report: undefined accuracy (NaN), so no average, Pareto mark or Δ for: "
+              + "; ".join(undefined), file=err)
     text = render(rep, fmt)
     if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text, encoding="utf-8")
+        _write("--output", output, lambda p: p.write_text(text, encoding="utf-8"))
+        print(f"lm-eval-bh report: wrote {output}", file=err)
     if plot:
         fig = make_plot(rep)
-        Path(plot).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(plot, dpi=120, bbox_inches="tight")
+        _write("--plot", plot, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight"))
+        print(f"lm-eval-bh report: wrote {plot}", file=err)
     return text, rep
 
 
