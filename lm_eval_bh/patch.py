@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from . import calibration, dispatch, routing
-from .families import MoELayer, find_moe_layers
+from .families import MoELayer, check_settings, find_moe_layers
 from .errors import RoutingError
 from .config import RoutingConfig, _as_bool
 from .results_schema import RoutingBlock
@@ -68,9 +68,10 @@ class BHRouting:
         if any((l.num_experts, l.top_k) != (first.num_experts, first.top_k) for l in layers):
             raise RoutingError("MoE layers with different expert counts or top_k are not supported")
         cfg = self.config.resolve(first.num_experts, first.top_k, first.renormalizes)
+        check_settings(first, cfg)
         self.nulls = self._load_nulls(cfg, layers)
         self.config, self.model, self.layers = cfg, model, layers
-        self.stats = RoutingStats([l.router.weight.device for l in layers], cfg.max_k)
+        self.stats = RoutingStats([l.weight.device for l in layers], cfg.max_k)
         self.info = _model_info(model, layers)
         self.stats.group_id("all")
         # k cannot vary, the p-values order experts like the logits and the weights are the model's
@@ -82,7 +83,7 @@ class BHRouting:
             and cfg.fixed_k
             and all(cfg.renormalize == l.renormalizes for l in layers)
             and all(routing.is_monotone(cfg, null) for null in self.nulls)
-            and all(bool(torch.isfinite(l.router.weight).all()) for l in layers)
+            and all(bool(torch.isfinite(l.weight).all()) for l in layers)
         )
         try:
             for i, layer in enumerate(layers):
@@ -106,7 +107,7 @@ class BHRouting:
             return [None] * len(layers)
         nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts,
                                              fingerprint=calibration.layers_fingerprint(layers))
-        return [null.to(layer.router.weight.device) for null, layer in zip(nulls, layers)]
+        return [null.to(layer.weight.device) for null, layer in zip(nulls, layers)]
 
     def _patch_layer(self, i: int, layer: MoELayer) -> None:
         cfg = self.config
@@ -153,31 +154,33 @@ class BHRouting:
     # --- routers ----------------------------------------------------------------------------
 
     def _make_router(self, i: int, layer: MoELayer):
-        def forward(router, hidden):
-            logits = layer.logits(hidden)
-            routed = self._route(logits, self.nulls[i])
+        def forward(router, hidden, *args, **kwargs):
+            logits, scores, allowed = layer.scores(hidden, args, kwargs)
+            routed = self._route(scores, self.nulls[i], allowed)
             self._record(i, routed.k, routed.nonfinite, routed.discoveries, routed.pvalues)
-            return logits, routed.weight.to(logits.dtype), routed.index
+            weight = layer.weights(logits, routed, self.config.renormalize)
+            return logits, weight.to(logits.dtype), routed.index
 
         return types.MethodType(forward, layer.router)
 
-    def _route(self, logits: torch.Tensor, null) -> routing.Routed:
+    def _route(self, logits: torch.Tensor, null, allowed=None) -> routing.Routed:
         if not (self.compile and logits.is_cuda):
-            return routing.route(logits, self.config, null=null)
+            return routing.route(logits, self.config, null=null, allowed=allowed)
         try:
-            return _compiled_route()(logits, self.config, null=null)
+            return _compiled_route()(logits, self.config, null=null, allowed=allowed)
         except (RoutingError, torch.cuda.OutOfMemoryError):  # OOM: lm-eval's batch-size search handles it
             raise
         except Exception as e:  # a torch.compile failure must not stop an evaluation
             warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
             self.compile = False
-            return routing.route(logits, self.config, null=null)
+            return routing.route(logits, self.config, null=null, allowed=allowed)
 
     def _make_analyze_router(self, i: int, layer: MoELayer):
-        def forward(router, hidden):
-            out = type(router).forward(router, hidden)
+        def forward(router, hidden, *args, **kwargs):
+            out = type(router).forward(router, hidden, *args, **kwargs)
             if self._counting():
-                sel = routing.select_count(out[0], self.config, null=self.nulls[i])
+                _, scores, allowed = layer.scores(hidden, args, kwargs)
+                sel = routing.select_count(scores, self.config, null=self.nulls[i], allowed=allowed)
                 self._record(i, sel.k, None, sel.discoveries, sel.pvalues)
             return out
 
@@ -283,13 +286,13 @@ def _compiled_route():
 
 def _model_info(model: torch.nn.Module, layers: list[MoELayer]) -> dict:
     """Model shape and parameter split, for cost accounting (active parameters per token)."""
-    expert_params = [sum(p.numel() for p in l.experts.parameters()) for l in layers]
     total = sum(p.numel() for p in model.parameters())
+    per_expert = layers[0].params_per_expert  # the family's count; shared experts stay dense
     return {
         "num_layers": len(layers),
         "num_experts": layers[0].num_experts,
         "top_k": layers[0].top_k,
         "total_params": total,
-        "dense_params": total - sum(expert_params),
-        "params_per_expert": expert_params[0] // layers[0].num_experts,
+        "dense_params": total - sum(l.params_per_expert * l.num_experts for l in layers),
+        "params_per_expert": per_expert,
     }
