@@ -51,7 +51,17 @@ class Family:
     # config attributes of the expert count and top_k (the first one present)
     num_experts: tuple[str, ...] = ("n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts")
     top_k: tuple[str, ...] = ("num_experts_per_tok", "num_experts_per_token", "moe_topk", "moe_k")
-    expert_params: Callable[[torch.nn.Module, int], int] | None = None  # (experts, n) -> params of one expert
+    expert_params: Callable[[torch.nn.Module], int] = None  # experts module -> parameters of one routed expert
+
+    def __post_init__(self):
+        if self.expert_params is None:
+            object.__setattr__(self, "expert_params", stacked_expert_params)
+
+
+def stacked_expert_params(experts: torch.nn.Module) -> int:
+    """Parameters of one expert where every parameter of the experts module stacks the experts on dim 0
+    (transformers 5.x: gate_up_proj, down_proj and their biases)."""
+    return sum(p[0].numel() for p in experts.parameters())
 
 
 def _value(value: RouterValue, router: torch.nn.Module):
@@ -212,9 +222,7 @@ class MoELayer:
 
     @property
     def params_per_expert(self) -> int:
-        if self.family.expert_params is not None:
-            return self.family.expert_params(self.experts, self.num_experts)
-        return sum(p.numel() for p in self.experts.parameters()) // self.num_experts
+        return self.family.expert_params(self.experts)
 
     def _linear(self) -> torch.nn.Module:
         return getattr(self.router, self.family.linear) if self.family.linear else self.router
@@ -375,8 +383,9 @@ def check_settings(layer: MoELayer, cfg) -> None:
             f"selection=topp needs softmax router probabilities; {type(layer.router).__name__} scores experts "
             "by sigmoid or with a correction bias (use bh, hc or topk)"
         )
-    if cfg.pvalue == "calibrated" and layer.family.bias is not None:
+    if cfg.calibration is not None and layer.family.bias is not None:
         raise RoutingError(
-            f"pvalue=calibrated is calibrated on router logits; {type(layer.router).__name__} selects experts by "
-            "bias-corrected scores (use zscore or softmax)"
+            f"calibration files are fitted on router logits; {type(layer.router).__name__} selects experts by "
+            f"bias-corrected scores (pvalue={cfg.pvalue}, selection={cfg.selection} need a calibration; use "
+            "pvalue=zscore or softmax)"
         )
