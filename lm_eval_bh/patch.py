@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import types
+from copy import deepcopy as _deepcopy
 import warnings
 
 import torch
@@ -69,9 +70,10 @@ class BHRouting:
             raise RoutingError("MoE layers with different expert counts or top_k are not supported")
         cfg = self.config.resolve(first.num_experts, first.top_k, first.renormalizes)
         check_settings(first, cfg)
-        self.nulls = self._load_nulls(cfg, layers)
+        devices = [_router_device(model, l) for l in layers]
+        self.nulls = self._load_nulls(cfg, layers, devices)
         self.config, self.model, self.layers = cfg, model, layers
-        self.stats = RoutingStats([l.weight.device for l in layers], cfg.max_k)
+        self.stats = RoutingStats(devices, cfg.max_k)
         self.info = _model_info(model, layers)
         self.stats.group_id("all")
         # k cannot vary, the p-values order experts like the logits and the weights are the model's
@@ -83,7 +85,8 @@ class BHRouting:
             and cfg.fixed_k
             and all(cfg.renormalize == l.renormalizes for l in layers)
             and all(routing.is_monotone(cfg, null) for null in self.nulls)
-            and all(bool(torch.isfinite(l.weight).all()) for l in layers)
+            and all(l.weight.device.type != "meta" and bool(torch.isfinite(l.weight).all())
+                    for l in layers)  # offloaded weights cannot be checked here: route them by the exact path
         )
         try:
             for i, layer in enumerate(layers):
@@ -101,13 +104,13 @@ class BHRouting:
         return self
 
     @staticmethod
-    def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer]) -> list:
+    def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer], devices: list[torch.device]) -> list:
         """Each layer's calibration null on that layer's device (None per layer unless calibrated)."""
         if cfg.calibration is None:  # no p-value method or rule of this config needs a null
             return [None] * len(layers)
         nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts,
                                              fingerprint=calibration.layers_fingerprint(layers))
-        return [null.to(layer.weight.device) for null, layer in zip(nulls, layers)]
+        return [null.to(device) for null, device in zip(nulls, devices)]
 
     def _patch_layer(self, i: int, layer: MoELayer) -> None:
         cfg = self.config
@@ -127,7 +130,7 @@ class BHRouting:
                 raise RuntimeError(f"{type(module).__name__} already has an instance forward (another patch?)")
             attr = "_old_forward"  # accelerate's device hook (device_map, parallelize=True) calls this one
         old = module.__dict__.get(attr)
-        setattr(module, attr, forward)
+        setattr(module, attr, _PatchedForward(forward))
         self._undo.append(lambda: setattr(module, attr, old) if old is not None else module.__dict__.pop(attr))
 
     def _set_attr(self, module: torch.nn.Module, name: str, value) -> None:
@@ -142,6 +145,19 @@ class BHRouting:
         while self._undo:
             self._undo.pop()()
         self.model = None
+
+    def __deepcopy__(self, memo):
+        if self.model is None:  # unpatched: a plain copy (settings and statistics)
+            copy = object.__new__(BHRouting)
+            memo[id(self)] = copy
+            copy.__dict__.update(_deepcopy(self.__dict__, memo))
+            return copy
+        raise RuntimeError(COPY_ERROR)
+
+    def __reduce_ex__(self, protocol):
+        if self.model is not None:
+            raise RuntimeError(COPY_ERROR)
+        return super().__reduce_ex__(protocol)
 
     def __enter__(self) -> "BHRouting":
         if self.model is None:
@@ -273,6 +289,30 @@ class BHRouting:
         return block.to_dict()
 
 
+COPY_ERROR = ("a model patched by lm-eval-bh cannot be copied or pickled (the copy would route with the "
+              "original's routers and statistics): copy or save the model before patch() or after unpatch(), "
+              "then patch the copy")
+
+
+class _PatchedForward:
+    """An instance `forward` set by the patch: calls the patched function, refuses to be copied or pickled
+    (a copied module would keep routing through the original's closures)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError(COPY_ERROR)
+
+    def __reduce_ex__(self, protocol):
+        raise RuntimeError(COPY_ERROR)
+
+
 _COMPILED = {}
 
 
@@ -282,6 +322,21 @@ def _compiled_route():
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+def _router_device(model: torch.nn.Module, layer: MoELayer) -> torch.device:
+    """Where a router runs: its weight's device or, for weights that accelerate offloads (kept on the
+    meta device between forwards), the execution device of the accelerate hook that brings them in."""
+    device = layer.weight.device
+    if device.type != "meta":
+        return device
+    path = next(name for name, m in model.named_modules() if m is layer.router).split(".")
+    for depth in range(len(path), -1, -1):
+        hook = getattr(model.get_submodule(".".join(path[:depth])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # accelerate's SequentialHook holds several
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    raise RoutingError("the router weights are on the meta device and no accelerate hook runs them")
 
 
 def _model_info(model: torch.nn.Module, layers: list[MoELayer]) -> dict:
