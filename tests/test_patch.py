@@ -259,6 +259,8 @@ def test_offloaded_layers_route_and_count_where_they_run(tmp_path, settings, on_
         with BHRouting(**settings).patch(in_memory) as reference:
             expected = in_memory(ids).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert routing.summary() == reference.summary()
-    assert routing.summary()["tokens"] == ids.numel()
+    # (the diagnostics differ at fixed k: offloaded weights cannot be checked for finiteness up front,
+    # so the exact path runs instead of the stock router)
+    counts = [{k: v for k, v in r.summary().items() if k != "diagnostics"} for r in (routing, reference)]
+    assert counts[0] == counts[1] and counts[0]["tokens"] == ids.numel()
     assert_unpatched(offloaded, before)
