@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "sweep": ("lm_eval_bh.commands.sweep", "evaluate a grid of routing settings, loading the model once (resumable)"),
     "report": ("lm_eval_bh.commands.report", "accuracy vs mean experts per token from lm-eval results files"),
     "calibrate": ("lm_eval_bh.commands.calibrate", "fit calibrated router p-values (pvalue=calibrated)"),
+    "models": ("lm_eval_bh.commands.models", "list the embedded models; --path NAME prints one's folder (built on first use)"),
 }
 
 

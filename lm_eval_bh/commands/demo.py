@@ -1,49 +1,52 @@
-"""``lm-eval-bh demo``: the first command to run. CPU only, offline, a couple of minutes.
+"""``lm-eval-bh demo``: the first command to run. CPU only, offline, a few minutes.
 
-It builds the embedded tiny OLMoE (random weights, so accuracies sit near chance: the point is the
-plumbing and the cost accounting, not the numbers), then runs the real ``lm_eval`` CLI as
-subprocesses, once per routing setting:
+Steps:
+1. build (once, cached) the embedded model: ``real`` by default (a Qwen2-MoE made from SmolLM2-135M's
+   real weights, see ``lm_eval_bh.real``), or ``--model tiny`` (random weights: chance-level accuracy);
+2. evaluate, in one process with the model loaded once (``lm-eval-bh sweep``), the fixed top-k curve
+   and BH routing at a few alphas on the offline task pack, ``--limit`` examples per task;
+3. run the stock ``lm_eval --model hf`` CLI once at the model's own top-k: it must agree with the
+   plugin's top-k row (the plugin changes nothing at fixed k);
+4. print the ``lm-eval-bh report`` table: accuracy, mean experts per token, and for every BH row the
+   accuracy of fixed top-k interpolated at the same cost and the difference.
 
-* ``--model olmoe_bh`` with BH routing at a few alphas (min_k=1, max_k=top_k),
-* ``--model olmoe_bh`` with min_k=max_k=k for k in 1, top_k/2, top_k (stock top-k through the plugin),
-* ``--model hf`` (stock transformers; must agree with the line above),
-
-and prints the ``lm-eval-bh report`` table of those runs (accuracy next to mean experts per token),
-also written to ``OUTPUT/report.md`` with a plot ``OUTPUT/accuracy_vs_experts.png``.
-
-When lm-eval-bh is pip-installed, its start-up hook makes ``python -m lm_eval --model olmoe_bh``
-work as is. From a source checkout that was not installed, the demo loads the same hook by hand
-(``python -c "import _lm_eval_bh_hook; runpy.run_module('lm_eval')"``): same CLI, same code path.
+Everything goes to a fresh folder (``--output_path``, default ``demo-<model>-<time>/``), never into the
+committed results.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from ..embedded import MODELS, UNTRAINED
 from ..errors import UsageError
 
 PKG = Path(__file__).resolve().parents[1]
 ROOT = PKG.parent
-DEFAULT_OUT = "results/demo"
+DEFAULTS = {  # per model: (alphas, fixed top-k curve, max_k of the adaptive rules, examples per task)
+    "real": ("0.05,0.2,0.5", "1,2,4,8,16", "16", "25"),
+    "tiny": ("0.01,0.05,0.2,0.5", "1,2,4", "4", "40"),
+}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--output_path", default=DEFAULT_OUT, metavar="DIR", help=f"default {DEFAULT_OUT}/")
-    parser.add_argument("--alphas", default="0.01,0.05,0.2,0.5", help="BH levels to run, comma-separated")
+    parser.add_argument("--model", default="real", choices=list(MODELS), help="embedded model (default real)")
+    parser.add_argument("--output_path", default=None, metavar="DIR",
+                        help="a new (or empty) folder; default demo-<model>-<time>/ in the current folder")
+    parser.add_argument("--alphas", default=None, help="BH levels, comma-separated (default real: 0.05,0.2,0.5)")
+    parser.add_argument("--topk", default=None, help="fixed top-k curve (default real: 1,2,4,8,16; tiny: 1,2,4)")
+    parser.add_argument("--max_k", default=None, help="most experts BH may pick per token (default real: 16)")
     parser.add_argument("--tasks", default="bh_offline", help="lm-eval tasks or groups (default bh_offline)")
     parser.add_argument("--include_path", default=None, help="task folder (default: the project's tasks/)")
-    parser.add_argument("--limit", default="40", help="examples per task (default 40; 'none' for all)")
-    parser.add_argument("--topk", default=None,
-                        help="fixed top-k runs through olmoe_bh, comma-separated (default 1, top_k/2, top_k)")
-    parser.add_argument("--jobs", default="2", help="lm_eval processes at once (default 2)")
-    parser.add_argument("--verbose", action="store_true", help="show lm_eval's own output")
+    parser.add_argument("--limit", default=None, help="examples per task (default real: 25, tiny: 40; 'none' for all)")
+    parser.add_argument("--verbose", action="store_true", help="show lm-eval's own output")
 
 
 def find_tasks_dir() -> Path | None:
@@ -54,135 +57,141 @@ def find_tasks_dir() -> Path | None:
 
 
 def lm_eval_command() -> tuple[list[str], dict]:
-    """The argv prefix that runs the stock lm_eval CLI with olmoe_bh registered, and env additions."""
-    env = {}
+    """The argv prefix that runs the stock lm_eval CLI with the plugin registered, and env additions."""
     if importlib.util.find_spec("_lm_eval_bh_hook") is not None:
-        return [sys.executable, "-m", "lm_eval"], env
+        return [sys.executable, "-m", "lm_eval"], {}
     # source checkout: put the package and its start-up hook on the path, import the hook first
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(PKG / "_startup")])
+    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(PKG / "_startup"), os.environ.get("PYTHONPATH", "")])}
     code = "import _lm_eval_bh_hook, runpy; runpy.run_module('lm_eval', run_name='__main__', alter_sys=True)"
     return [sys.executable, "-c", code], env
 
 
-def plan(tiny: Path, top_k: int, alphas: list[float], topks: list[int] | None = None) -> list[tuple[str, str, str]]:
-    """[(run id, --model, --model_args)]."""
-    base = f"pretrained={tiny},dtype=float32"
-    runs = [(f"bh_a{a:g}", "olmoe_bh", f"{base},alpha={a:g},min_k=1,max_k={top_k}") for a in alphas]
-    # stock top-k through the plugin at a few k: the reference curve for the matched-cost column
-    for k in sorted(set(topks) if topks else {1, max(1, top_k // 2), top_k}):
-        runs.append((f"olmoe_bh_top{k}", "olmoe_bh", f"{base},min_k={k},max_k={k}"))
-    runs.append((f"hf_top{top_k}", "hf", base))
-    return runs
+def _output_dir(args) -> Path:
+    if args.output_path is None:
+        return Path(f"demo-{args.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.output_path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"--output_path: {out} is not a new or empty folder; the demo never mixes runs")
+    return out
+
+
+def _limit(text: str) -> str | None:
+    if str(text).lower() == "none":
+        return None
+    try:
+        if float(text) <= 0:
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"--limit: '{text}' is not allowed; allowed: a positive number or none") from None
+    return str(text)
 
 
 def run(args) -> int:
-    alphas = []
-    for t in str(args.alphas).split(","):
-        try:
-            a = float(t)
-        except ValueError:
-            raise UsageError(f"--alphas: '{t}' is not a number; allowed: numbers strictly between 0 and 1") from None
-        if not 0 < a < 1:
-            raise UsageError(f"--alphas: {t} is out of range; allowed: numbers strictly between 0 and 1")
-        alphas.append(a)
-    limit = None if str(args.limit).lower() == "none" else args.limit
-    if limit is not None:
-        try:
-            if float(limit) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--limit: '{args.limit}' is not allowed; allowed: a positive number or none") from None
-    try:
-        jobs = int(args.jobs)
-        if jobs < 1:
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"--jobs: '{args.jobs}' is not allowed; allowed: a positive integer") from None
+    alphas, topk, max_k, limit = DEFAULTS[args.model]
+    alphas, topk, max_k = args.alphas or alphas, args.topk or topk, args.max_k or max_k
+    limit = _limit(args.limit or limit)
     tasks_dir = Path(args.include_path) if args.include_path else find_tasks_dir()
     if tasks_dir is None or not tasks_dir.is_dir():
         raise UsageError("--include_path: no task folder found; pass the project's tasks/ folder")
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = _output_dir(args)
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(k, v)
 
     t0 = time.time()
-    from lm_eval_bh.tiny import ensure_tiny_olmoe
-
-    tiny = Path(ensure_tiny_olmoe())
-    from transformers import AutoConfig
-
-    top_k = int(AutoConfig.from_pretrained(tiny, local_files_only=True).num_experts_per_tok)
-    print(f"demo: tiny OLMoE at {tiny} (top_k={top_k}), built in {time.time() - t0:.1f}s", file=sys.stderr)
-
-    out = Path(args.output_path)
-    out.mkdir(parents=True, exist_ok=True)
-    prefix, extra_env = lm_eval_command()
-    env = {**os.environ, **extra_env}
-    if "PYTHONPATH" in extra_env and os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] = extra_env["PYTHONPATH"] + os.pathsep + os.environ["PYTHONPATH"]
-    # keep each process to its share of the cores
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
-
-    topks = None
-    if args.topk:
-        try:
-            topks = [int(t) for t in str(args.topk).split(",")]
-            if not all(1 <= k <= top_k for k in topks):
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--topk: '{args.topk}' is not allowed; allowed: integers 1..{top_k}, comma-separated") from None
-    runs = plan(tiny, top_k, alphas, topks)
-
-    def one(item):
-        rid, model, model_args = item
-        run_dir = out / rid
-        before = set(run_dir.rglob("results_*.json")) if run_dir.exists() else set()
-        cmd = [*prefix, "run", "--model", model, "--model_args", model_args, "--device", "cpu",
-               "--batch_size", "8", "--include_path", str(tasks_dir), "--tasks", args.tasks,
-               "--output_path", str(run_dir)]
-        if limit is not None:
-            cmd += ["--limit", str(limit)]
-        shown = ["lm_eval", *cmd[len(prefix):]]
-        print("demo: $ " + shlex.join(shown), file=sys.stderr)
-        t = time.time()
-        p = subprocess.run(cmd, env=env, cwd=os.getcwd(), text=True,
-                           stdout=None if args.verbose else subprocess.PIPE,
-                           stderr=None if args.verbose else subprocess.STDOUT)
-        new = sorted(set(run_dir.rglob("results_*.json")) - before) if run_dir.exists() else []
-        return rid, p.returncode, (p.stdout or ""), new, time.time() - t
-
-    files, failed = [], []
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for rid, rc, text, new, dt in pool.map(one, runs):
-            if rc != 0 or not new:
-                failed.append(rid)
-                print(f"demo: {rid} failed (exit {rc}); last output:\n{text[-2000:]}", file=sys.stderr)
-            else:
-                print(f"demo: {rid} done in {dt:.1f}s -> {new[-1]}", file=sys.stderr)
-                files.append(new[-1])
+    model_dir = _build(args.model)
+    sweep_dir = out / "sweep"
+    _sweep(model_dir, sweep_dir, tasks_dir, args, alphas, topk, max_k, limit)
+    top_k = _top_k(model_dir)
+    stock = _stock_cli(model_dir, out / f"hf_top{top_k}", tasks_dir, args, limit)
 
     from lm_eval_bh.commands.report import report
 
-    text, rep = report(files, "md", output=out / "report.md", plot=out / "accuracy_vs_experts.png")
+    text, rep = report([out], "md", output=out / "report.md", plot=out / "accuracy_vs_experts.png")
     print(text)
-    _check_agreement(rep, top_k)
-    print(f"demo: {len(files)} runs in {time.time() - t0:.0f}s; results under {out}/ "
-          f"(report.md, accuracy_vs_experts.png); redo the table with: lm-eval-bh report {out}", file=sys.stderr)
-    return 1 if failed else 0
+    if stock:
+        _check_agreement(rep, top_k)
+    scope = "all examples" if limit is None else f"--limit {limit}: the first {limit} examples of each task"
+    print(f"demo: model {args.model} ({model_dir}); {scope}; {time.time() - t0:.0f}s in all")
+    if args.model in UNTRAINED:
+        print(f"demo: the {args.model} model has random weights: its accuracies are chance-level and their "
+              "differences are noise; it shows the plumbing and the cost accounting only (use --model real)")
+    print(f"demo: results under {out}/ (report.md, accuracy_vs_experts.png); redo the table with: "
+          f"lm-eval-bh report {out}")
+    return 0 if stock else 1
+
+
+def _build(name: str) -> Path:
+    from lm_eval_bh.embedded import is_built, model_dir
+
+    t = time.time()
+    fresh = not is_built(name)
+    path = model_dir(name)
+    print(f"demo: model {name}: {MODELS[name]}", file=sys.stderr)
+    print(f"demo: {'built' if fresh else 'cached'} at {path}" + (f" in {time.time() - t:.0f}s" if fresh else ""),
+          file=sys.stderr)
+    return path
+
+
+def _top_k(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir, local_files_only=True).num_experts_per_tok)
+
+
+def _sweep(model_dir, sweep_dir, tasks_dir, args, alphas, topk, max_k, limit) -> None:
+    """The fixed top-k curve and BH at each alpha, one process, the model loaded once."""
+    from lm_eval_bh.commands import sweep
+
+    argv = ["--model_args", f"pretrained={model_dir},dtype=float32", "--device", "cpu", "--batch_size", "8",
+            "--include_path", str(tasks_dir), "--tasks", args.tasks, "--output_path", str(sweep_dir),
+            "--alphas", alphas, "--selections", "bh", "--pvalues", "zscore", "--topk", topk, "--max_k", max_k]
+    if limit is not None:
+        argv += ["--limit", limit]
+    if args.verbose:
+        argv.append("--verbose")
+    parser = argparse.ArgumentParser(prog="lm-eval-bh sweep")
+    sweep.add_arguments(parser)
+    print("demo: $ lm-eval-bh sweep " + shlex.join(argv), file=sys.stderr)
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the demo prints the full report itself
+        sweep.run(parser.parse_args(argv))
+
+
+def _stock_cli(model_dir, run_dir, tasks_dir, args, limit) -> bool:
+    """Stock transformers through the real lm_eval CLI at the model's own top-k."""
+    prefix, extra_env = lm_eval_command()
+    cmd = [*prefix, "run", "--model", "hf", "--model_args", f"pretrained={model_dir},dtype=float32",
+           "--device", "cpu", "--batch_size", "8", "--include_path", str(tasks_dir), "--tasks", args.tasks,
+           "--output_path", str(run_dir)]
+    if limit is not None:
+        cmd += ["--limit", limit]
+    print("demo: $ " + shlex.join(["lm_eval", *cmd[len(prefix):]]), file=sys.stderr)
+    t = time.time()
+    p = subprocess.run(cmd, env={**os.environ, **extra_env}, text=True,
+                       stdout=None if args.verbose else subprocess.PIPE,
+                       stderr=None if args.verbose else subprocess.STDOUT)
+    if p.returncode != 0 or not list(run_dir.rglob("results_*.json")):
+        print(f"demo: stock lm_eval --model hf failed (exit {p.returncode}); last output:\n{(p.stdout or '')[-2000:]}",
+              file=sys.stderr)
+        return False
+    print(f"demo: stock lm_eval --model hf done in {time.time() - t:.0f}s", file=sys.stderr)
+    return True
 
 
 def _check_agreement(rep, top_k: int) -> None:
     """The plugin at min_k=max_k=top_k must reproduce stock transformers exactly."""
-    from lm_eval_bh.commands.report import AVERAGE
+    from lm_eval_bh.commands.report import AVERAGE, FIXED_RULE
 
-    t = rep[rep["rule"] == "top-k"]
-    a = t[t["setting"] == f"olmoe_bh top-{top_k}"].set_index("task")["acc"]
-    b = t[t["setting"] == f"hf top-{top_k}"].set_index("task")["acc"]
-    common = a.index.intersection(b.index)
+    t = rep[(rep["rule"] == FIXED_RULE) & (rep["task"] != AVERAGE)]
+    t = t[t["mean_k"] == top_k]
+    stock = t[t["setting"].str.startswith("hf ")].set_index("task")["acc"]
+    plugin = t[~t["setting"].str.startswith("hf ")].set_index("task")["acc"]
+    common = stock.index.intersection(plugin.index)
     if len(common) == 0:
+        print(f"demo: no task to compare the plugin's top-{top_k} with stock hf")
         return
-    diff = (a[common] - b[common]).abs().max()
+    diff = (stock[common] - plugin[common]).abs().max()
     verdict = "agree" if diff < 1e-9 else f"DIFFER (max |Δacc| = {diff:.4f})"
-    print(f"demo: olmoe_bh top-{top_k} and stock hf top-{top_k} {verdict} "
-          f"({len(common) - (AVERAGE in common)} tasks and their average)")
+    print(f"demo: plugin top-{top_k} and stock `lm_eval --model hf` top-{top_k} {verdict} on {len(common)} tasks")

