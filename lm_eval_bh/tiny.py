@@ -162,6 +162,10 @@ def build_tiny_olmoe(out_dir, seed: int = 0, **overrides) -> Path:
     for f in ASSETS_TOKENIZER.iterdir():
         if f.is_file():
             shutil.copyfile(f, out / f.name)
+    # the tokenizer's length limit is the model's (else lm-eval warns of indexing errors that cannot happen)
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = model.config.max_position_embeddings
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     (out / "lm_eval_bh_tiny.json").write_text(
         json.dumps({"seed": seed, "init": INIT_VERSION, "overrides": overrides}, indent=2, sort_keys=True) + "\n"
     )
@@ -173,6 +177,7 @@ def _cache_key(seed: int, overrides: dict) -> str:
     h.update(tiny_olmoe_config(**overrides).to_json_string(use_diff=False).encode())
     h.update(INIT_VERSION.encode())
     h.update(str(seed).encode())
+    h.update(b"model_max_length=max_position_embeddings")  # what build_tiny_olmoe writes over the asset
     for f in sorted(ASSETS_TOKENIZER.iterdir()):
         if f.is_file():
             h.update(f.name.encode())

@@ -400,3 +400,28 @@ def test_model_args_module_needs_no_torch():
                  "print(sorted({'torch', 'transformers'} & set(sys.modules)))"])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_tiny_tokenizer_length_limit_is_the_models(tiny_model_dir):
+    """A text longer than the asset tokenizer's old 512 but within the model's positions tokenizes
+    without transformers' "indexing errors" warning, and lm-eval uses the model's length."""
+    import logging
+
+    from lm_eval.api.registry import get_model
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    positions = AutoConfig.from_pretrained(tiny_model_dir).max_position_embeddings
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.model_max_length == positions == 1024
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger("transformers").addHandler(handler)
+    try:
+        ids = tokenizer("ab " * 900)["input_ids"]
+    finally:
+        hf_logging.get_logger("transformers").removeHandler(handler)
+    assert 512 < len(ids) <= positions
+    assert not [r for r in records if "indexing errors" in r.getMessage()]
+    assert get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir}", {"device": "cpu"}).max_length == positions
