@@ -52,3 +52,9 @@ def test_lm_eval_commands_have_valid_routing_args(command):
         pairs = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
         routing = {k: v for k, v in pairs.items() if k in RoutingConfig.__dataclass_fields__ and k != "calibration"}
         RoutingConfig(**routing)
+
+
+def test_torch_note_comes_before_the_first_install_command():
+    """A copy-paste of the first command must not be the first a reader sees without a torch (pip would
+    pull the multi-GB CUDA build): the CPU-build note comes first."""
+    assert README.index("pip install torch") < README.index('pip install ".[test]"')
