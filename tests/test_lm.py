@@ -146,6 +146,8 @@ BAD_ARGS = [
     ("min_k=2.5", "min_k must be an integer"),
     ("min_k=4,max_k=2", "max_k must be an integer >= min_k"),
     ("temperature=0", "temperature must be a finite number > 0"),
+    ("alpha=1e-320", "alpha must be at least 1.18e-38"),
+    ("temperature=1e-45", "temperature must be between 1.18e-38 and 3.4e+38"),
     ("pvalue=bogus", "pvalue must be one of"),
     ("mode=bogus", "mode must be one of"),
     ("selection=bogus", "selection must be one of"),

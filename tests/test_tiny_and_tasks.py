@@ -112,7 +112,7 @@ def test_router_logits_have_a_right_tail():
         assert medians[1] >= 1
         assert medians == sorted(medians) and medians[-1] > medians[0]
         assert all(x < y for x, y in zip(means, means[1:]))
-        assert 0.5 <= means[0] and means[-1] <= 8
+        assert 0.25 <= means[0] and means[-1] <= 8  # calibrated zscore: about 0.4 at alpha = 0.01
 
 
 # ------------------------------------------------------------------------------ tasks
