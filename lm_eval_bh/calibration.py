@@ -158,7 +158,7 @@ def lfdr_table(samples: np.ndarray, fit: np.ndarray, grid: int = GRID) -> tuple[
 def layers_fingerprint(layers) -> str:
     """The router fingerprint of MoE layers (anything with a `.router` module): every router's weight
     and bias, in layer order. Written by ``lm-eval-bh calibrate``, checked when a calibration loads."""
-    return router_fingerprint(t for layer in layers for t in (layer.router.weight, getattr(layer.router, "bias", None)))
+    return router_fingerprint(t for layer in layers for t in (layer.weight, getattr(layer.router, "bias", None)))
 
 
 def router_fingerprint(tensors) -> str:

@@ -79,7 +79,7 @@ def _hub_reachable_or_unneeded(pretrained: str, timeout: float = 3.0) -> bool:
 
 @register_model("moe_bh")
 class MoEBHLM(HFLM):
-    """Any supported MoE family (OLMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, GPT-OSS); `pretrained` is required."""
+    """Any supported MoE family (see lm_eval_bh.families.FAMILIES); `pretrained` is required."""
 
     def __init__(self, pretrained=None, **kwargs):
         if pretrained is None:

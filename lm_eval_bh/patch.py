@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import types
+from copy import deepcopy as _deepcopy
 import warnings
 
 import torch
 
 from . import calibration, dispatch, routing
-from .families import MoELayer, find_moe_layers
+from .families import MoELayer, check_settings, find_moe_layers, param_split
 from .errors import RoutingError
 from .config import RoutingConfig, _as_bool
 from .results_schema import RoutingBlock
@@ -68,10 +69,12 @@ class BHRouting:
         if any((l.num_experts, l.top_k) != (first.num_experts, first.top_k) for l in layers):
             raise RoutingError("MoE layers with different expert counts or top_k are not supported")
         cfg = self.config.resolve(first.num_experts, first.top_k, first.renormalizes)
-        self.nulls = self._load_nulls(cfg, layers)
+        check_settings(first, cfg)
+        devices = [_router_device(model, l) for l in layers]
+        self.nulls = self._load_nulls(cfg, layers, devices)
         self.config, self.model, self.layers = cfg, model, layers
-        self.stats = RoutingStats([l.router.weight.device for l in layers], cfg.max_k)
-        self.info = _model_info(model, layers)
+        self.stats = RoutingStats(devices, cfg.max_k)
+        self.info = param_split(model, layers)  # the cost model's parameter counts
         self.stats.group_id("all")
         # k cannot vary, the p-values order experts like the logits and the weights are the model's
         # own: the stock routers with top_k = k select the same experts, at stock speed, and every
@@ -82,7 +85,8 @@ class BHRouting:
             and cfg.fixed_k
             and all(cfg.renormalize == l.renormalizes for l in layers)
             and all(routing.is_monotone(cfg, null) for null in self.nulls)
-            and all(bool(torch.isfinite(l.router.weight).all()) for l in layers)
+            and all(l.weight.device.type != "meta" and bool(torch.isfinite(l.weight).all())
+                    for l in layers)  # offloaded weights cannot be checked here: route them by the exact path
         )
         try:
             for i, layer in enumerate(layers):
@@ -100,13 +104,13 @@ class BHRouting:
         return self
 
     @staticmethod
-    def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer]) -> list:
+    def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer], devices: list[torch.device]) -> list:
         """Each layer's calibration null on that layer's device (None per layer unless calibrated)."""
         if cfg.calibration is None:  # no p-value method or rule of this config needs a null
             return [None] * len(layers)
         nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts,
                                              fingerprint=calibration.layers_fingerprint(layers))
-        return [null.to(layer.router.weight.device) for null, layer in zip(nulls, layers)]
+        return [null.to(device) for null, device in zip(nulls, devices)]
 
     def _patch_layer(self, i: int, layer: MoELayer) -> None:
         cfg = self.config
@@ -126,7 +130,7 @@ class BHRouting:
                 raise RuntimeError(f"{type(module).__name__} already has an instance forward (another patch?)")
             attr = "_old_forward"  # accelerate's device hook (device_map, parallelize=True) calls this one
         old = module.__dict__.get(attr)
-        setattr(module, attr, forward)
+        setattr(module, attr, _PatchedForward(forward))
         self._undo.append(lambda: setattr(module, attr, old) if old is not None else module.__dict__.pop(attr))
 
     def _set_attr(self, module: torch.nn.Module, name: str, value) -> None:
@@ -142,6 +146,19 @@ class BHRouting:
             self._undo.pop()()
         self.model = None
 
+    def __deepcopy__(self, memo):
+        if self.model is None:  # unpatched: a plain copy (settings and statistics)
+            copy = object.__new__(BHRouting)
+            memo[id(self)] = copy
+            copy.__dict__.update(_deepcopy(self.__dict__, memo))
+            return copy
+        raise RuntimeError(COPY_ERROR)
+
+    def __reduce_ex__(self, protocol):
+        if self.model is not None:
+            raise RuntimeError(COPY_ERROR)
+        return super().__reduce_ex__(protocol)
+
     def __enter__(self) -> "BHRouting":
         if self.model is None:
             raise RuntimeError("use `with BHRouting(...).patch(model) as routing:`")
@@ -153,31 +170,33 @@ class BHRouting:
     # --- routers ----------------------------------------------------------------------------
 
     def _make_router(self, i: int, layer: MoELayer):
-        def forward(router, hidden):
-            logits = layer.logits(hidden)
-            routed = self._route(logits, self.nulls[i])
+        def forward(router, hidden, *args, **kwargs):
+            logits, scores, allowed = layer.scores(hidden, args, kwargs)
+            routed = self._route(scores, self.nulls[i], allowed)
             self._record(i, routed.k, routed.nonfinite, routed.discoveries, routed.pvalues)
-            return logits, routed.weight.to(logits.dtype), routed.index
+            weight = layer.weights(logits, routed, self.config.renormalize)
+            return logits, weight.to(logits.dtype), routed.index
 
         return types.MethodType(forward, layer.router)
 
-    def _route(self, logits: torch.Tensor, null) -> routing.Routed:
+    def _route(self, logits: torch.Tensor, null, allowed=None) -> routing.Routed:
         if not (self.compile and logits.is_cuda):
-            return routing.route(logits, self.config, null=null)
+            return routing.route(logits, self.config, null=null, allowed=allowed)
         try:
-            return _compiled_route()(logits, self.config, null=null)
+            return _compiled_route()(logits, self.config, null=null, allowed=allowed)
         except (RoutingError, torch.cuda.OutOfMemoryError):  # OOM: lm-eval's batch-size search handles it
             raise
         except Exception as e:  # a torch.compile failure must not stop an evaluation
             warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
             self.compile = False
-            return routing.route(logits, self.config, null=null)
+            return routing.route(logits, self.config, null=null, allowed=allowed)
 
     def _make_analyze_router(self, i: int, layer: MoELayer):
-        def forward(router, hidden):
-            out = type(router).forward(router, hidden)
+        def forward(router, hidden, *args, **kwargs):
+            out = type(router).forward(router, hidden, *args, **kwargs)
             if self._counting():
-                sel = routing.select_count(out[0], self.config, null=self.nulls[i])
+                _, scores, allowed = layer.scores(hidden, args, kwargs)
+                sel = routing.select_count(scores, self.config, null=self.nulls[i], allowed=allowed)
                 self._record(i, sel.k, None, sel.discoveries, sel.pvalues)
             return out
 
@@ -270,6 +289,30 @@ class BHRouting:
         return block.to_dict()
 
 
+COPY_ERROR = ("a model patched by lm-eval-bh cannot be copied or pickled (the copy would route with the "
+              "original's routers and statistics): copy or save the model before patch() or after unpatch(), "
+              "then patch the copy")
+
+
+class _PatchedForward:
+    """An instance `forward` set by the patch: calls the patched function, refuses to be copied or pickled
+    (a copied module would keep routing through the original's closures)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        raise RuntimeError(COPY_ERROR)
+
+    def __reduce_ex__(self, protocol):
+        raise RuntimeError(COPY_ERROR)
+
+
 _COMPILED = {}
 
 
@@ -281,15 +324,17 @@ def _compiled_route():
     return _COMPILED[fn]
 
 
-def _model_info(model: torch.nn.Module, layers: list[MoELayer]) -> dict:
-    """Model shape and parameter split, for cost accounting (active parameters per token)."""
-    expert_params = [sum(p.numel() for p in l.experts.parameters()) for l in layers]
-    total = sum(p.numel() for p in model.parameters())
-    return {
-        "num_layers": len(layers),
-        "num_experts": layers[0].num_experts,
-        "top_k": layers[0].top_k,
-        "total_params": total,
-        "dense_params": total - sum(expert_params),
-        "params_per_expert": expert_params[0] // layers[0].num_experts,
-    }
+def _router_device(model: torch.nn.Module, layer: MoELayer) -> torch.device:
+    """Where a router runs: its weight's device or, for weights that accelerate offloads (kept on the
+    meta device between forwards), the execution device of the accelerate hook that brings them in."""
+    device = layer.weight.device
+    if device.type != "meta":
+        return device
+    path = next(name for name, m in model.named_modules() if m is layer.router).split(".")
+    for depth in range(len(path), -1, -1):
+        hook = getattr(model.get_submodule(".".join(path[:depth])), "_hf_hook", None)
+        for h in getattr(hook, "hooks", [hook]):  # accelerate's SequentialHook holds several
+            if getattr(h, "execution_device", None) is not None:
+                return torch.device(h.execution_device)
+    raise RoutingError("the router weights are on the meta device and no accelerate hook runs them")
+

@@ -435,8 +435,10 @@ class Selection(NamedTuple):
     bad_p: torch.Tensor
 
 
-def _rank(x: torch.Tensor, cfg: "RoutingConfig", null) -> Ranked:
-    """Experts in selection order, from cleaned float32 logits `x`."""
+def _rank(x: torch.Tensor, cfg: "RoutingConfig", null, allowed: torch.Tensor | None = None) -> Ranked:
+    """Experts in selection order, from cleaned float32 logits `x` (`allowed`: see `route`)."""
+    if allowed is not None:
+        return _restrict(_rank(x, cfg, null), allowed)
     spec = PVALUES[cfg.pvalue]
     if not is_monotone(cfg, null):
         # p is not monotone in the logit across experts (a per-expert null): order by p, ties by the
@@ -447,6 +449,16 @@ def _rank(x: torch.Tensor, cfg: "RoutingConfig", null) -> Ranked:
         return Ranked(p_sorted, by_logit.gather(-1, order2), order1.gather(-1, order2), False, null)
     sorted_logits, order = x.sort(dim=-1, descending=True, stable=True)
     return Ranked(spec.fn(sorted_logits, cfg.temperature, null), sorted_logits, order, True, null)
+
+
+def _restrict(ranked: Ranked, allowed: torch.Tensor) -> Ranked:
+    """Move the experts that `allowed` (T, E) excludes behind the others, each part keeping its order, and
+    give them p = 1: the order stays the p-value order (no p-value exceeds 1)."""
+    ok = allowed.gather(-1, ranked.order)
+    move = (~ok).to(torch.uint8).sort(dim=-1, stable=True).indices
+    p = torch.where(ok, ranked.p, 1.0).gather(-1, move)
+    return ranked._replace(p=p, logits=ranked.logits.gather(-1, move), order=ranked.order.gather(-1, move),
+                           by_logit=False)
 
 
 def _dead_k(cfg: "RoutingConfig") -> int:
@@ -463,14 +475,16 @@ def _check_config(cfg, num_experts: int) -> None:
         raise RoutingError(f"max_k must be between min_k and the number of experts ({num_experts}), got {cfg.max_k}")
 
 
-def select_count(logits: torch.Tensor, cfg: "RoutingConfig", null=None) -> Selection:
+def select_count(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.Tensor | None = None) -> Selection:
     """Order experts by p-value and count how many each token keeps (see `Selection`).
 
-    Rows with no finite logit get k = `_dead_k(cfg)` (see `route`).
+    Rows with no finite logit get k = `_dead_k(cfg)` (see `route`); `allowed`: see `route`.
     """
     _check_logits(logits)
     _check_config(cfg, logits.shape[-1])
-    ranked = _rank(_clean(logits), cfg, null)
+    if allowed is not None and (allowed.shape != logits.shape or allowed.dtype != torch.bool):
+        raise RoutingError(f"allowed must be a bool tensor of the logits' shape {tuple(logits.shape)}")
+    ranked = _rank(_clean(logits), cfg, null, allowed)
     bad = torch.isnan(ranked.p)  # only a degenerate method/null could produce one: count it, treat as p = 1
     ranked = ranked._replace(p=ranked.p.masked_fill(bad, 1.0))
     discoveries = SELECTIONS[cfg.selection].fn(ranked, cfg)
@@ -479,7 +493,7 @@ def select_count(logits: torch.Tensor, cfg: "RoutingConfig", null=None) -> Selec
     return Selection(ranked.logits, ranked.order, k, discoveries, ranked.p, bad.any(dim=-1))
 
 
-def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None) -> Routed:
+def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.Tensor | None = None) -> Routed:
     """Route each token (row of `logits`, shape (T, E)) to between min_k and max_k experts.
 
     `cfg` must be resolved (`cfg.resolve(...)`, so max_k is set); `null` is this layer's calibration
@@ -496,8 +510,13 @@ def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None) -> Routed:
     finite logit at all is routed to experts 0 .. k0-1 with uniform weights 1/k0, where k0 = min_k
     (k0 = max_k when k is fixed: min_k == max_k or selection=topk, so no padding slot appears).
     Weights are never NaN. `Routed.nonfinite` flags the affected tokens for counting.
+
+    `allowed` (T, E) bool, optional: the experts each token may use (e.g. the expert groups a
+    group-limited router keeps). The others get p = 1 and come after the allowed ones in the selection
+    order, so they are taken only when min_k forces more experts than are allowed; the p-values of the
+    allowed experts, and BH's m, are those of all E experts.
     """
-    sel = select_count(logits, cfg, null)  # checks the arguments
+    sel = select_count(logits, cfg, null, allowed)  # checks the arguments
     num_experts, max_k = logits.shape[-1], cfg.max_k
     k = sel.k
     valid = torch.arange(max_k, device=logits.device) < k.unsqueeze(-1)

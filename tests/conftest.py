@@ -52,3 +52,40 @@ def tiny_model_dir(tmp_path_factory):
     from lm_eval_bh.tiny import build_tiny_olmoe
 
     return build_tiny_olmoe(tmp_path_factory.mktemp("tiny-olmoe"))
+
+
+def module_state(model: torch.nn.Module) -> dict:
+    """What a patch could leave behind, per module: every instance attribute (plain values by value,
+    objects by identity, containers such as the hook dicts by their keys and values' identities; the
+    parameters and buffers by name), and torch's global module hooks."""
+    from torch.nn.modules import module as torch_module
+
+    def state(value):
+        if isinstance(value, dict):
+            return {key: state(v) for key, v in value.items()}
+        if isinstance(value, (bool, int, float, str, type(None))):
+            return value
+        if isinstance(value, tuple):
+            return tuple(state(v) for v in value)
+        return ("id", id(value))
+
+    def attributes(m):  # parameters and buffers by name (accelerate's offload swaps them every forward)
+        return {**m.__dict__, "_parameters": tuple(m._parameters), "_buffers": tuple(m._buffers)}
+
+    out = {name: state(attributes(m)) for name, m in model.named_modules()}
+    out["<global hooks>"] = {name: state(getattr(torch_module, name)) for name in dir(torch_module)
+                             if name.startswith("_global_") and isinstance(getattr(torch_module, name), dict)}
+    return out
+
+
+def assert_unpatched(model: torch.nn.Module, before: dict) -> None:
+    """`model` is as it was when `before = module_state(model)` was taken: no forward (pre-)hook, no
+    instance attribute of lm-eval-bh left anywhere, every changed attribute restored."""
+    after = module_state(model)
+    assert after.keys() == before.keys()
+    for name in before:
+        assert after[name] == before[name], f"module {name or '<root>'} differs after unpatch"
+    for name, m in model.named_modules():
+        for key, value in m.__dict__.items():
+            owner = getattr(type(value), "__module__", "") or ""
+            assert not owner.startswith("lm_eval_bh"), f"{name}.{key} is lm-eval-bh's {type(value).__name__}"

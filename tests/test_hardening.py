@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_olmoe
+from conftest import assert_unpatched, make_olmoe, module_state
 
 from lm_eval_bh import BHRouting, RoutingConfig, RoutingError, route
 from lm_eval_bh.commands.calibrate import calibrate_model
@@ -37,10 +37,11 @@ def test_calibrated_routing_end_to_end(calibration_file):
 
 def test_mismatched_calibration_is_one_line_error(calibration_file):
     model = make_olmoe(num_hidden_layers=3)
+    before = module_state(model)
     with pytest.raises(RoutingError) as err:
         BHRouting(pvalue="calibrated", calibration=str(calibration_file)).patch(model)
     assert "layers" in str(err.value) and "\n" not in str(err.value)
-    assert not any("forward" in m.__dict__ for m in model.modules()), "a failed patch must leave nothing behind"
+    assert_unpatched(model, before)  # a failed patch leaves nothing behind
 
 
 def test_missing_calibration_file():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_olmoe
+from conftest import assert_unpatched, make_olmoe, module_state
 from torch.utils.flop_counter import FlopCounterMode
 
 from lm_eval_bh import BHRouting, RoutingConfig, RoutingError, route
@@ -132,21 +132,21 @@ def test_analyze_mode_leaves_outputs_untouched():
     assert stats["tokens"] == ids.numel() and stats["mean_experts_per_token"] < 4
 
 
-def test_unpatch_restores_the_stock_model_bit_for_bit():
+@pytest.mark.parametrize("settings", [dict(alpha=0.3), dict(min_k=4, max_k=4), dict(min_k=2, max_k=2),
+                                      dict(alpha=0.3, mode="analyze"), dict(alpha=0.3, min_k=3, max_k=3, renormalize=True)])
+def test_unpatch_restores_the_stock_model_bit_for_bit(settings):
+    """Variable k, fixed k (stock top_k and another), analyze mode and the variable-k path at fixed k."""
     model = make_olmoe()
-    before = {n: m.__dict__.copy() for n, m in model.named_modules()}
+    before = module_state(model)
     ids = _ids()
     with torch.no_grad():
         stock = model(ids).logits
-        routing = BHRouting(alpha=0.3).patch(model)
-        assert not torch.equal(model(ids).logits, stock)
+        routing = BHRouting(**settings).patch(model)
+        assert module_state(model) != before
+        model(ids)
         routing.unpatch()
         assert torch.equal(model(ids).logits, stock)
-    after = {n: m.__dict__.copy() for n, m in model.named_modules()}
-    assert before.keys() == after.keys()
-    for name in before:
-        assert before[name].keys() == after[name].keys(), name
-        assert not model.get_submodule(name)._forward_pre_hooks
+    assert_unpatched(model, before)
 
 
 def test_generate_with_variable_k():
@@ -186,7 +186,7 @@ def test_patch_cooperates_with_accelerate_device_hooks():
     for layer in model.model.layers:
         add_hook_to_module(layer.mlp.gate, AlignDevicesHook(execution_device="cpu"))
         add_hook_to_module(layer.mlp.experts, AlignDevicesHook(execution_device="cpu"))
-    hooked = {n: m.__dict__.get("forward") for n, m in model.named_modules()}
+    hooked = module_state(model)
     ids = _ids()
     with torch.no_grad():
         stock = model(ids).logits
@@ -194,4 +194,73 @@ def test_patch_cooperates_with_accelerate_device_hooks():
             assert not torch.equal(model(ids).logits, stock)
         assert 1 < routing.summary()["mean_experts_per_token"] < 4
         assert torch.equal(model(ids).logits, stock)
-    assert {n: m.__dict__.get("forward") for n, m in model.named_modules()} == hooked
+    assert_unpatched(model, hooked)
+
+
+@pytest.mark.parametrize("settings", [dict(alpha=0.3), dict(min_k=4, max_k=4)])
+def test_a_patched_model_refuses_copy_and_pickle_and_stays_patched(settings):
+    """deepcopy / pickle / torch.save of a patched model (or of its BHRouting) is one clear error; the
+    original keeps routing and counting, unpatches cleanly, and a copy made after unpatch() is an
+    independent model with its own routing and statistics."""
+    import copy
+    import io
+    import pickle
+
+    model = make_olmoe()
+    before = module_state(model)
+    ids = _ids()
+    routing = BHRouting(**settings).patch(model)
+    with torch.no_grad():
+        patched = model(ids).logits
+    attempts = [copy.deepcopy, pickle.dumps, lambda m: torch.save(m, io.BytesIO())]
+    if not routing.fixed:  # the variable-k path also patches modules inside the layers
+        attempts.append(lambda m: copy.deepcopy(m.model.layers[1].mlp))
+    for attempt in attempts:
+        with pytest.raises(RuntimeError, match=r"^a model patched by lm-eval-bh cannot be copied or pickled .*"
+                                               r"copy or save the model before patch\(\) or after unpatch\(\)"):
+            attempt(model)
+    for attempt in (copy.deepcopy, pickle.dumps):
+        with pytest.raises(RuntimeError, match="cannot be copied or pickled"):
+            attempt(routing)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, patched)
+    assert routing.summary()["tokens"] == 2 * ids.numel()
+    routing.unpatch()
+    assert_unpatched(model, before)
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad(), BHRouting(**settings).patch(clone) as clone_routing:
+        assert torch.equal(clone(ids).logits, patched)
+    assert clone_routing.summary()["tokens"] == ids.numel()
+    assert routing.summary()["tokens"] == 2 * ids.numel()
+    assert pickle.loads(pickle.dumps(routing)).summary() == routing.summary()  # unpatched: stats travel
+
+
+@pytest.mark.parametrize("settings", [dict(alpha=0.3), dict(min_k=4, max_k=4)])
+@pytest.mark.parametrize("on_disk", [[1], [0, 1]])
+def test_offloaded_layers_route_and_count_where_they_run(tmp_path, settings, on_disk):
+    """accelerate offload (device_map with "disk"; what parallelize=True does when memory runs out) keeps
+    those layers' weights on the meta device between forwards: they are counted on the device their
+    router runs on, with the same outputs and statistics as the model in memory."""
+    from transformers import AutoModelForCausalLM
+
+    make_olmoe().save_pretrained(tmp_path / "model")
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu",
+                  **{f"model.layers.{i}": "disk" if i in on_disk else "cpu" for i in range(2)}}
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", device_map=device_map,
+                                                     offload_folder=str(tmp_path / "offload"))
+    assert {i for i in range(2) if offloaded.model.layers[i].mlp.gate.weight.is_meta} == set(on_disk)
+    in_memory = make_olmoe()
+    ids = _ids()
+    before = module_state(offloaded)
+    with torch.no_grad():
+        with BHRouting(**settings).patch(offloaded) as routing:
+            got = offloaded(ids).logits
+        with BHRouting(**settings).patch(in_memory) as reference:
+            expected = in_memory(ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # (the diagnostics differ at fixed k: offloaded weights cannot be checked for finiteness up front,
+    # so the exact path runs instead of the stock router)
+    counts = [{k: v for k, v in r.summary().items() if k != "diagnostics"} for r in (routing, reference)]
+    assert counts[0] == counts[1] and counts[0]["tokens"] == ids.numel()
+    assert_unpatched(offloaded, before)

@@ -120,32 +120,22 @@ def _primary_metric(task_result: dict) -> tuple[str | None, str, float, float]:
 
 
 def params_from_config(cfg: Any) -> dict | None:
-    """Parameter counts of an OLMoE-style MoE from its HF config (estimate; no weights read).
+    """Parameter counts of a supported MoE model from its HF config, exact (the model is built on the
+    meta device; no weights read); None for a model type lm-eval-bh does not route.
 
     Returns {"dense_params", "per_k", "total_params"}: active params per token = dense + per_k * k.
     """
+    from ..errors import RoutingError
+    from ..families import config_param_split
+
     try:
-        h = int(cfg.hidden_size)
-        inter = int(getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size)
-        n_layers = int(cfg.num_hidden_layers)
-        n_exp = int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts"))
-        heads = int(cfg.num_attention_heads)
-        kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        vocab = int(cfg.vocab_size)
-    except (AttributeError, TypeError, ValueError):
+        split = config_param_split(cfg)
+    except RoutingError:
         return None
-    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
-    q = heads * head_dim
-    kv = kv_heads * head_dim
-    attn = h * q + 2 * h * kv + q * h + q + kv  # q,k,v,o + q/k norms
-    per_layer_dense = attn + 2 * h + h * n_exp  # two layer norms + router
-    tied = bool(getattr(cfg, "tie_word_embeddings", False))
-    dense = n_layers * per_layer_dense + vocab * h * (1 if tied else 2) + h
-    per_expert = 3 * h * inter
     return {
-        "dense_params": float(dense),
-        "per_k": float(n_layers * per_expert),
-        "total_params": float(dense + n_layers * n_exp * per_expert),
+        "dense_params": float(split["dense_params"]),
+        "per_k": float(split["params_per_expert"] * split["num_layers"]),
+        "total_params": float(split["total_params"]),
     }
 
 
