@@ -31,7 +31,7 @@ from ..errors import UsageError
 PKG = Path(__file__).resolve().parents[1]
 ROOT = PKG.parent
 DEFAULTS = {  # per model: (alphas, fixed top-k curve, max_k of the adaptive rules, examples per task)
-    "real": ("0.05,0.2,0.5", "1,2,4,8,16", "16", "25"),
+    "real": ("0.05,0.2,0.5", "1,2,4,8,16", "16", "5"),
     "tiny": ("0.01,0.05,0.2,0.5", "1,2,4", "4", "40"),
 }
 
@@ -45,7 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max_k", default=None, help="most experts BH may pick per token (default real: 16)")
     parser.add_argument("--tasks", default="bh_offline", help="lm-eval tasks or groups (default bh_offline)")
     parser.add_argument("--include_path", default=None, help="task folder (default: the project's tasks/)")
-    parser.add_argument("--limit", default=None, help="examples per task (default real: 25, tiny: 40; 'none' for all)")
+    parser.add_argument("--limit", default=None, help="examples per task (default real: 5, tiny: 40; 'none' for all)")
     parser.add_argument("--verbose", action="store_true", help="show lm-eval's own output")
 
 
