@@ -427,3 +427,24 @@ def test_tiny_tokenizer_length_limit_is_the_models(tiny_model_dir):
     assert 512 < len(ids) <= positions
     assert not [r for r in records if "indexing errors" in r.getMessage()]
     assert get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir}", {"device": "cpu"}).max_length == positions
+
+
+def loglikelihood_requests(pairs, task="t"):
+    """lm-eval Instances for (context, continuation) pairs, as a task would build them."""
+    from lm_eval.api.instance import Instance
+
+    return [Instance("loglikelihood", {}, pair, i, (task, i, 1)) for i, pair in enumerate(pairs)]
+
+
+def test_real_input_ending_in_token_0_is_counted(tiny_model_dir):
+    """lm-eval right-pads with token 0, which is also a real token (here <|endoftext|>): model inputs
+    ending in it, in a padded batch, count every real token."""
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir}", {"device": "cpu", "batch_size": 4})
+    pairs = [("The answer is", " foo<|endoftext|>x"), ("Q", " <|endoftext|><|endoftext|>y"),
+             ("A much longer context, so that the short rows of the batch are padded", " bar")]
+    encoded = [lm._encode_pair(*pair) for pair in pairs]
+    assert [(ctx + cont)[-2] for ctx, cont in encoded][:2] == [0, 0]  # the model inputs end in token 0
+    lm.loglikelihood(loglikelihood_requests(pairs))
+    assert lm.routing.summary()["tokens"] == sum(len(ctx) + len(cont) - 1 for ctx, cont in encoded)
