@@ -63,16 +63,18 @@ class Layer(torch.nn.Module):
 def build(shape: dict, device: str, dtype: torch.dtype) -> Layer:
     config = DeepseekV3Config(**shape, num_hidden_layers=1, first_k_dense_replace=0)
     config._experts_implementation = "grouped_mm" if device == "cuda" else "eager"
-    with torch.device(device):
-        layer = Layer(config).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly (the router keeps its own float32 weight and bias)
+    try:
+        with torch.device(device):
+            layer = Layer(config)
+    finally:
+        torch.set_default_dtype(default)
     h = shape["hidden_size"]
     with torch.no_grad():
         for name, p in layer.named_parameters():
             p.normal_(0, h ** -0.5 if "gate.weight" in name else 0.02)
-        gate = layer.mlp.gate
-        gate.weight.data = gate.weight.data.float()  # kept in float32, as transformers loads it
-        gate.e_score_correction_bias.normal_(0, 0.02)
-        gate.e_score_correction_bias.data = gate.e_score_correction_bias.data.float()
+        layer.mlp.gate.e_score_correction_bias.normal_(0, 0.02)
     return layer.eval()
 
 
@@ -99,11 +101,17 @@ def timeit(fn, repeats: int, warmup: int = 3) -> float:
 
 
 @torch.inference_mode()
-def run(shape: dict, sizes: list[int], alphas: list[float], device: str, repeats: int) -> dict:
+def run(shape: dict, sizes: list[int], alphas: list[float], device: str, repeats: int, save=None) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     layer = build(shape, device, dtype)
     gate, experts = layer.mlp.gate, layer.mlp.experts
     rows = []
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
+        "router_dtype": str(gate.weight.dtype), "shape": shape,
+        "experts_implementation": layer.config._experts_implementation, "repeats": repeats, "rows": rows,
+    }
     for tokens in sizes:
         hidden = torch.randn(1, tokens, shape["hidden_size"], device=device, dtype=dtype)
         row = {"tokens": tokens}
@@ -142,12 +150,9 @@ def run(shape: dict, sizes: list[int], alphas: list[float], device: str, repeats
         row["experts_reference_max_abs"] = float(reference.float().abs().max())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    return {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(dtype),
-        "shape": shape, "experts_implementation": layer.config._experts_implementation, "repeats": repeats,
-        "rows": rows,
-    }
+        if save is not None:  # after every size: a run stopped early keeps what it measured
+            save(result)
+    return result
 
 
 def markdown(result: dict, alphas: list[float]) -> str:
@@ -155,7 +160,8 @@ def markdown(result: dict, alphas: list[float]) -> str:
         f"# One DeepSeek-V3 MoE layer: BH routing vs the stock layer ({result['device']})",
         "",
         f"torch {result['torch']}, transformers {result['transformers']}, {result['dtype']}, experts backend "
-        f"`{result['experts_implementation']}`, shape {json.dumps(result['shape'])}; median of {result['repeats']} "
+        f"`{result['experts_implementation']}` (router in {result['router_dtype']}), shape "
+        f"{json.dumps(result['shape'])}; median of {result['repeats']} "
         "timed calls (ms), random weights. Command: `python bench/deepseek_layer.py --out-dir results/bench`.",
         "",
         "Whole MoE block (router + routed experts + shared expert):",
@@ -187,19 +193,22 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default="results/bench")
     parser.add_argument("--tiny", action="store_true", help="small config on the CPU (smoke test)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--sizes", default="64,4096,16384")
-    parser.add_argument("--alphas", default="0.05,0.3,0.9")
+    parser.add_argument("--alphas", default="0.05,0.5")
     args = parser.parse_args(argv)
     alphas = [float(a) for a in args.alphas.split(",")]
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     shape = TINY if args.tiny else FULL
     sizes = [64, 256] if args.tiny else [int(s) for s in args.sizes.split(",")]
-    result = run(shape, sizes, alphas, device, 3 if args.tiny else args.repeats)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "deepseek_layer.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "deepseek_layer.md").write_text(markdown(result, alphas))
+
+    def save(result):
+        (out / "deepseek_layer.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "deepseek_layer.md").write_text(markdown(result, alphas))
+
+    result = run(shape, sizes, alphas, device, 3 if args.tiny else args.repeats, save)
     print(markdown(result, alphas))
 
 

@@ -152,11 +152,11 @@ def test_variable_k_padding_free_and_cost(family):
     for experts, hidden, index, weight, out in calls:
         k = (index < experts.num_experts).sum(dim=-1)
         assert (weight[index == experts.num_experts] == 0).all()
-        with torch.no_grad():  # reference: the stock experts module, one token at a time, real slots only
-            expected = torch.cat([
-                type(experts).forward(experts, hidden[t: t + 1], index[t: t + 1, :n], weight[t: t + 1, :n])
-                for t, n in enumerate(k.tolist())
-            ])
+        expected = torch.zeros_like(out)
+        with torch.no_grad():  # reference: the stock experts module given each token's real slots only
+            for n in k.unique().tolist():  # (rows are independent: the tokens with n real slots together)
+                rows = k == n
+                expected[rows] = type(experts).forward(experts, hidden[rows], index[rows, :n], weight[rows, :n])
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
     info = summary["model"]
@@ -308,27 +308,24 @@ def _check_routing(routing):
     assert routing["active_params_per_token"] == pytest.approx(expected)
 
 
-def test_lm_eval_cli_runs_deepseek_v3(tmp_path):
-    """`lm_eval --model moe_bh` on a tiny saved DeepSeek-V3 (= Kimi-K2's architecture)."""
-    folder = _save("deepseek_v3", tmp_path / "model")
-    out = tmp_path / "out"
-    result = subprocess.run([
-        sys.executable, "-m", "lm_eval", "--model", "moe_bh", "--model_args", f"pretrained={folder},alpha=0.3",
-        "--device", "cpu", "--include_path", str(ROOT / "tasks"), "--tasks", "mmlu_dev_offline", "--limit", "2",
-        "--output_path", str(out),
-    ], capture_output=True, text=True, env=subprocess_env(), timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    _check_routing(json.loads(next(out.rglob("results_*.json")).read_text())["config"]["routing"])
-
-
-def test_lm_eval_runs_glm4_moe(tmp_path):
-    """lm-eval's own evaluator on a tiny saved GLM-4.5-MoE, in process (the CLI path is the test above)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    folder = _save("glm4_moe", tmp_path / "model")
-    out = lm_eval.simple_evaluate(
-        model="moe_bh", model_args=f"pretrained={folder},alpha=0.3", tasks=["mmlu_dev_offline"], limit=2,
-        device="cpu", task_manager=TaskManager(include_path=str(ROOT / "tasks")),
+def test_lm_eval_cli_runs_deepseek_v3_and_glm4_moe(tmp_path):
+    """`lm_eval --model moe_bh` (the console script's entry point, lm_eval.__main__:cli_evaluate) on tiny
+    saved DeepSeek-V3 (= Kimi-K2's architecture) and GLM-4.5-MoE models; one process pays the imports."""
+    runs = []
+    for family in ("deepseek_v3", "glm4_moe"):
+        folder = _save(family, tmp_path / family)
+        runs.append([
+            "lm_eval", "--model", "moe_bh", "--model_args", f"pretrained={folder},alpha=0.3", "--device", "cpu",
+            "--include_path", str(ROOT / "tasks"), "--tasks", "mmlu_dev_offline", "--limit", "2",
+            "--output_path", str(tmp_path / "out" / family),
+        ])
+    script = (
+        "import sys\nfrom lm_eval.__main__ import cli_evaluate\n"
+        f"for argv in {runs!r}:\n    sys.argv = argv\n    cli_evaluate()\n"
     )
-    _check_routing(out["config"]["routing"])
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(),
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for family in ("deepseek_v3", "glm4_moe"):
+        data = json.loads(next((tmp_path / "out" / family).rglob("results_*.json")).read_text())
+        _check_routing(data["config"]["routing"])
