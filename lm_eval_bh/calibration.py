@@ -83,29 +83,30 @@ MIN_TAIL = 20  # fewer calibration values than this beyond the first BH threshol
 # --- fitting the two-group model --------------------------------------------------------------------
 
 
-def fit_null(samples: np.ndarray) -> np.ndarray:
-    """Empirical null and pi0 of every row of `samples` (..., n), by central matching: (..., 3) float64
-    holding loc, scale, pi0. Location-scale equivariant (all arithmetic in units of the row's median
-    and IQR); rows with no spread raise RoutingError."""
+def fit_null(samples: np.ndarray, window: tuple[float, float] = WINDOW, bins: int = BINS) -> np.ndarray:
+    """Empirical null and pi0 of every row of `samples` (..., n), by central matching over the
+    quantiles `window` in `bins` bins: (..., 3) float64 holding loc, scale, pi0. Location-scale
+    equivariant (all arithmetic in units of the row's median and IQR); rows with no spread raise
+    RoutingError."""
     from scipy.stats import norm
 
     x = np.sort(np.asarray(samples, dtype=np.float64), axis=-1)
     shape, n = x.shape[:-1], x.shape[-1]
     x = x.reshape(-1, n)
-    q_lo, q25, med, q75, q_hi = np.quantile(x, [WINDOW[0], 0.25, 0.5, 0.75, WINDOW[1]], axis=-1)
+    q_lo, q25, med, q75, q_hi = np.quantile(x, [window[0], 0.25, 0.5, 0.75, window[1]], axis=-1)
     robust = (q75 - q25) / (norm.ppf(0.75) - norm.ppf(0.25))
     if not (robust > 0).all():
         raise RoutingError("calibration: a null sample has no spread (its interquartile range is 0); "
                            "calibrate on more text")
     u = (x - med[:, None]) / robust[:, None]
     a, b = (q_lo - med) / robust, (q_hi - med) / robust
-    width = (b - a) / BINS
+    width = (b - a) / bins
     j = np.floor((u - a[:, None]) / width[:, None])
-    inside = (j >= 0) & (j < BINS)
-    counts = np.zeros((x.shape[0], BINS))
+    inside = (j >= 0) & (j < bins)
+    counts = np.zeros((x.shape[0], bins))
     rows = np.broadcast_to(np.arange(x.shape[0])[:, None], x.shape)
     np.add.at(counts, (rows[inside], j[inside].astype(np.int64)), 1.0)
-    t = a[:, None] + (np.arange(BINS) + 0.5) * width[:, None]
+    t = a[:, None] + (np.arange(bins) + 0.5) * width[:, None]
     design = np.stack([np.ones_like(t), t, t * t], axis=-1)  # log count = b0 + b1 t + b2 t^2
     logc = np.log(np.maximum(counts, 1.0))
     lhs = np.einsum("rk,rki,rkj->rij", counts, design, design)
@@ -178,7 +179,7 @@ def router_fingerprint(tensors) -> str:
 
 
 def _t(a) -> torch.Tensor:
-    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32) if not isinstance(a, torch.Tensor) else a
+    return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)
 
 
 @dataclass(frozen=True)
@@ -208,10 +209,6 @@ class LayerNull:
     @property
     def device(self) -> torch.device:
         return self.samples.device
-
-    @property
-    def pi0(self) -> torch.Tensor:
-        return self.fit[..., 2]
 
     def to(self, device) -> "LayerNull":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -7,7 +7,10 @@ N(0, 1) part. FDR is the mean over tokens of (null experts selected) / max(1, se
 mean share of signal experts selected; "selected" is the rule's own set, before the min_k clamp
 (`Routed.discoveries` experts in routing order; max_k = m so nothing is cut).
 
-    python tests/calibration_sim.py        # prints the table in docs/pvalues.md (about a minute)
+    python tests/calibration_sim.py        # prints the tables in docs/pvalues.md (about a minute)
+
+`fit_noise` compares central-matching windows: the spread of the fitted scale and of the fitted
+null's tail probability at alpha/m, on pure N(0, 1) samples and with 12.5 % signals at +2.5.
 """
 
 from __future__ import annotations
@@ -88,6 +91,30 @@ def table(alpha: float = 0.05) -> list[dict]:
     return rows
 
 
+def fit_noise(rows: int = 200, alpha: float = 0.05) -> list[dict]:
+    from scipy.stats import norm
+
+    from lm_eval_bh.calibration import fit_null
+
+    rng = np.random.default_rng(0)
+    t = alpha / M
+    out = []
+    for model, share in (("N(0,1)", 0.0), ("12.5 % at +2.5", 0.125)):
+        for n in (4096, 16384):
+            x = rng.normal(size=(rows, n)) + 2.5 * (rng.random((rows, n)) < share)
+            q25, q75 = np.quantile(x, [0.25, 0.75], axis=-1)
+            for name, window, bins in (("central 50 %", (0.25, 0.75), 20), ("2-75 %", (0.02, 0.75), 50)):
+                loc, scale, pi0 = fit_null(x, window, bins).T
+                ratio = norm.sf(loc + scale * norm.isf(t)) / t  # true null tail at the fitted threshold / t
+                out.append({"model": model, "n": n, "window": name, "scale": scale.mean(), "scale_sd": scale.std(),
+                            "pi0": pi0.mean(), "ratio": ratio.mean(), "ratio_sd": ratio.std()})
+            iqr = (q75 - q25) / 1.349  # the pooled robust scale, for comparison
+            ratio = norm.sf(np.median(x, -1) + iqr * norm.isf(t)) / t
+            out.append({"model": model, "n": n, "window": "median, IQR", "scale": iqr.mean(), "scale_sd": iqr.std(),
+                        "pi0": float("nan"), "ratio": ratio.mean(), "ratio_sd": ratio.std()})
+    return out
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     alpha = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05
@@ -98,3 +125,9 @@ if __name__ == "__main__":
         power = "–" if np.isnan(row["power"]) else f"{row['power']:.3f}"
         print(f"| {row['scenario']} | {row['method']} | {row['fdr']:.4f} | {power} | {row['any']:.3f} | "
               f"{row['discoveries']:.2f} |")
+    print(f"\nfitted null, 200 samples each; 'tail ratio': P_true(p <= {alpha}/{M}) / ({alpha}/{M})\n")
+    print("| sample | n | fit | scale (sd) | pi0 | tail ratio (sd) |")
+    print("|---|---:|---|---|---:|---|")
+    for r in fit_noise(alpha=alpha):
+        print(f"| {r['model']} | {r['n']} | {r['window']} | {r['scale']:.3f} ({r['scale_sd']:.3f}) | {r['pi0']:.3f} | "
+              f"{r['ratio']:.2f} ({r['ratio_sd']:.2f}) |")

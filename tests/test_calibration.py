@@ -391,7 +391,7 @@ def test_calibrate_cli_text(saved_model, tmp_path):
         capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "wrote" in proc.stdout
+    assert "wrote" in proc.stdout and "pi0" in proc.stdout
     meta = read_header(out)
     assert meta["num_layers"] == 2 and meta["num_experts"] == 16 and meta["samples_per_null"] == 2000
     assert meta["source"]["documents"] == 50 and meta["model"] == str(saved_model / "model")
@@ -496,3 +496,23 @@ def test_fdr_and_power_through_route(sim_files, name, signals, shift):
     else:  # the global null: BH's FDR is P(any discovery) there, lfdr is conservative
         assert res["calibrated", "bh"]["any"] >= alpha / 4  # the level is used, not collapsed to 0
         assert res["calibrated", "lfdr"]["any"] <= alpha
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_lfdr_rule_keeps_the_longest_prefix_with_mean_lfdr_at_most_alpha(tmp_path, per_expert):
+    rng = np.random.default_rng(3)
+    shape = (1, 8, 20000) if per_expert else (1, 8 * 20000)
+    sample = _mixture(rng, shape, 0.1, 3.0) * (np.arange(1, 9)[:, None] if per_expert else 1.0)
+    path = save_calibration(tmp_path / "c.json", Calibration(sample, {"num_experts": 8}))
+    (null,) = load_calibration(path, 1, 8)
+    x = torch.from_numpy(_mixture(rng, (500, 8), 0.2, 3.0) * (np.arange(1, 9) if per_expert else 1.0)).float()
+    for alpha in (0.05, 0.3):
+        cfg = RoutingConfig(selection="lfdr", pvalue="calibrated", alpha=alpha, calibration=path, max_k=8)
+        r = routing.select_count(x, cfg.resolve(8, 8, False), null=null)
+        lfdr = null.lfdr(x).gather(1, r.order)  # each expert's own lfdr, in routing order
+        mean = lfdr.cumsum(1) / torch.arange(1, 9)
+        expected = (mean <= alpha).long().cumprod(1).sum(1)
+        assert torch.equal(r.discoveries, expected)
+        assert (r.discoveries > 0).any() and (r.discoveries < 8).any()
+    with pytest.raises(RoutingError, match="calibration must be set to a file from `lm-eval-bh calibrate` when selection=lfdr"):
+        RoutingConfig(selection="lfdr")

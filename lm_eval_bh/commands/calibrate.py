@@ -286,5 +286,6 @@ def run(args: argparse.Namespace) -> int:
     m = cal.meta
     print(f"wrote {args.output}: {m['num_layers']} MoE layers x {m['num_experts']} experts, "
           f"{'per-expert' if cal.per_expert else 'per-layer'} nulls of {m['samples_per_null']} logits "
-          f"from {m['tokens']} tokens")
+          f"from {m['tokens']} tokens; share of non-signal logits (pi0) per layer: "
+          f"{', '.join(f'{v:.3f}' for v in cal.fit[..., 2].reshape(len(cal.fit), -1).mean(axis=1))}")
     return 0
