@@ -264,3 +264,22 @@ def test_offloaded_layers_route_and_count_where_they_run(tmp_path, settings, on_
     counts = [{k: v for k, v in r.summary().items() if k != "diagnostics"} for r in (routing, reference)]
     assert counts[0] == counts[1] and counts[0]["tokens"] == ids.numel()
     assert_unpatched(offloaded, before)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("stock_norm", [False, True])
+def test_fixed_k_with_a_renormalize_override_matches_a_model_that_renormalizes(k, stock_norm):
+    """min_k = max_k = k with `renormalize` overriding the model's norm_topk_prob must not take the
+    fixed-k fast path (the stock router would keep the model's own normalisation): the outputs are those
+    of the same weights with norm_topk_prob = renormalize and top_k = k."""
+    model = make_olmoe(norm_topk_prob=stock_norm)
+    reference = make_olmoe(norm_topk_prob=not stock_norm, num_experts_per_tok=k)
+    ids = _ids()
+    with torch.no_grad():
+        expected = reference(ids).logits
+        with BHRouting(min_k=k, max_k=k, renormalize=not stock_norm).patch(model) as routing:
+            got = model(ids).logits
+        assert not torch.allclose(make_olmoe(norm_topk_prob=stock_norm, num_experts_per_tok=k)(ids).logits,
+                                  expected, atol=1e-4)  # the override matters
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert routing.summary()["mean_experts_per_token"] == k
