@@ -448,3 +448,29 @@ def test_real_input_ending_in_token_0_is_counted(tiny_model_dir):
     assert [(ctx + cont)[-2] for ctx, cont in encoded][:2] == [0, 0]  # the model inputs end in token 0
     lm.loglikelihood(loglikelihood_requests(pairs))
     assert lm.routing.summary()["tokens"] == sum(len(ctx) + len(cont) - 1 for ctx, cont in encoded)
+
+
+def test_which_counts_are_batch_size_invariant(tiny_model_dir):
+    """loglikelihood: lm-eval runs each distinct model input of a call once (requests with the same
+    context and continuation[:-1] share a forward), whatever the batch size, so counts are invariant.
+    loglikelihood_rolling: lm-eval merges identical windows only within one batch, so two identical
+    documents count twice at batch size 1 and once when their windows share a batch."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.registry import get_model
+
+    pairs = [("Same context", " x"), ("Same context", " x"), ("Same context", " y"), ("Other context", " z w")]
+    docs = ["the same document, twice", "the same document, twice", "and a different one"]
+    rolling = [Instance("loglikelihood_rolling", {}, (d,), i, ("r", i, 1)) for i, d in enumerate(docs)]
+    counts = {}
+    for batch_size in (1, 4):
+        lm = get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir}",
+                                                          {"device": "cpu", "batch_size": batch_size})
+        lm.loglikelihood(loglikelihood_requests(pairs, task="ll"))
+        lm.loglikelihood_rolling(rolling)
+        counts[batch_size] = {task: v["tokens"] for task, v in lm.routing.summary()["per_task"].items()}
+    inputs = {tuple((ctx + cont)[:-1]) for ctx, cont in (lm._encode_pair(*pair) for pair in pairs)}
+    assert len(inputs) == 2
+    assert counts[1]["ll"] == counts[4]["ll"] == sum(len(i) for i in inputs)
+    same, other = (len(lm.tok_encode(d)) for d in docs[1:])  # one window each: prefix + tokens[:-1]
+    assert counts[1]["r"] == 2 * same + other
+    assert counts[4]["r"] == same + other
