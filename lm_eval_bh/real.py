@@ -121,12 +121,15 @@ def mlp_inputs(model, chunks: torch.Tensor, layers: int, progress: bool = True) 
     from tqdm.auto import tqdm
 
     got: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-    hooks = [model.model.layers[i].mlp.register_forward_pre_hook(
+    all_layers = model.model.layers
+    hooks = [all_layers[i].mlp.register_forward_pre_hook(
         lambda m, a, i=i: got[i].append(a[0].reshape(-1, a[0].shape[-1]).float())) for i in range(layers)]
     try:
+        model.model.layers = all_layers[:layers]  # the later layers (and the lm head) are not needed
         for row in tqdm(chunks.split(8), desc="calibration text", disable=not progress):
-            model.model(input_ids=row, use_cache=False)  # the lm head is not needed
+            model.model(input_ids=row, use_cache=False)
     finally:
+        model.model.layers = all_layers
         for h in hooks:
             h.remove()
     return [torch.cat(g) for g in got]
@@ -263,6 +266,45 @@ def moefy(dense, tokenizer, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K, 
     if unset:
         raise RuntimeError(f"parameters not copied from the dense model: {unset[:5]}")
     return moe.eval()
+
+
+# ----------------------------------------------------------------------------- held-out perplexity
+@torch.no_grad()
+def heldout_nll(model, chunks: torch.Tensor) -> float:
+    """Mean next-token negative log-likelihood of ``model`` on ``chunks`` (n, CHUNK)."""
+    total, n = 0.0, 0
+    for row in chunks.split(4):
+        logits = model(input_ids=row).logits
+        total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), row[:, 1:].flatten(),
+                                                   reduction="sum").item()
+        n += row[:, 1:].numel()
+    return total / n
+
+
+def perplexity_curve(model, tokenizer, ks, alphas, tokens: int = 256) -> list[dict]:
+    """Held-out perplexity at fixed top-k (each k in ``ks``) and under BH (z-score, 1..E experts, each alpha).
+
+    For BH rows, ``topk_ppl`` is the fixed-k perplexity at the same mean k, interpolated in
+    log-perplexity (what mixing two fixed k's over the tokens gives).
+    """
+    from .patch import BHRouting
+
+    chunks = calibration_chunks(tokenizer, tokens, held_out=True)
+    E = int(model.config.num_experts)
+    rows = []
+    for k in ks:
+        with BHRouting(min_k=k, max_k=k).patch(model):
+            rows.append({"setting": f"top-{k}", "mean_k": float(k), "ppl": math.exp(heldout_nll(model, chunks))})
+    fixed = sorted((r["mean_k"], math.log(r["ppl"])) for r in rows)
+    for a in alphas:
+        with BHRouting(alpha=a, min_k=1, max_k=E).patch(model) as routing:
+            nll = heldout_nll(model, chunks)
+        mean_k = float(routing.summary()["mean_experts_per_token"])
+        ref = next((la + (lb - la) * (mean_k - ka) / (kb - ka) for (ka, la), (kb, lb) in zip(fixed, fixed[1:])
+                    if ka <= mean_k <= kb), math.nan)
+        rows.append({"setting": f"bh/zscore alpha={a:g}", "mean_k": mean_k, "ppl": math.exp(nll),
+                     "topk_ppl": math.exp(ref)})
+    return rows
 
 
 # ----------------------------------------------------------------------------- build + cache

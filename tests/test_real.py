@@ -73,6 +73,31 @@ def test_all_experts_reproduce_the_dense_model(dense, built):
     assert (outs[1] - ref).abs().mean() > (outs[4] - ref).abs().mean()
 
 
+def test_perplexity_curve_fixed_k_and_bh(dense, built):
+    import math
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    moe = AutoModelForCausalLM.from_pretrained(built[0], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(built[0])
+    rows = real.perplexity_curve(moe, tok, [1, 4, 16], [0.05, 0.5], tokens=real.CHUNK)
+    assert [r["setting"] for r in rows] == ["top-1", "top-4", "top-16", "bh/zscore alpha=0.05", "bh/zscore alpha=0.5"]
+    chunks = real.calibration_chunks(dense[1], real.CHUNK, held_out=True)
+    model = dense[0]
+    layers = model.model.layers
+    try:
+        model.model.layers = layers[:LAYERS]
+        dense_ppl = math.exp(real.heldout_nll(model, chunks))
+    finally:
+        model.model.layers = layers
+    assert rows[2]["ppl"] == pytest.approx(dense_ppl, rel=1e-4)  # all experts: the dense model
+    assert rows[0]["ppl"] > rows[1]["ppl"] > rows[2]["ppl"]  # fewer experts, worse
+    bh = rows[3:]
+    assert all(1 <= r["mean_k"] <= 16 and r["topk_ppl"] > 0 for r in bh)
+    assert bh[0]["mean_k"] < bh[1]["mean_k"]  # the count follows alpha
+    assert moe.model.layers[0].mlp.gate.top_k == 4 and "forward" not in moe.model.layers[0].mlp.gate.__dict__  # unpatched
+
+
 def test_build_is_deterministic(built):
     def digest(folder: Path) -> dict:
         return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())

@@ -8,7 +8,8 @@ Steps:
 3. run the stock ``lm_eval --model hf`` CLI once at the model's own top-k: it must agree with the
    plugin's top-k row (the plugin changes nothing at fixed k);
 4. print the ``lm-eval-bh report`` table: accuracy, mean experts per token, and for every BH row the
-   accuracy of fixed top-k interpolated at the same cost and the difference.
+   accuracy of fixed top-k interpolated at the same cost and the difference (paired standard error);
+5. for ``real``, the same settings' perplexity on held-out prose (``lm_eval_bh.real.perplexity_curve``).
 
 Everything goes to a fresh folder (``--output_path``, default ``demo-<model>-<time>/``), never into the
 committed results.
@@ -110,6 +111,8 @@ def run(args) -> int:
     print(text)
     if stock:
         _check_agreement(rep, top_k)
+    if args.model == "real":
+        _perplexity(model_dir, topk, alphas)
     scope = "all examples" if limit is None else f"--limit {limit}: the first {limit} examples of each task"
     print(f"demo: model {args.model} ({model_dir}); {scope}; {time.time() - t0:.0f}s in all")
     if args.model in UNTRAINED:
@@ -178,6 +181,26 @@ def _stock_cli(model_dir, run_dir, tasks_dir, args, limit) -> bool:
         return False
     print(f"demo: stock lm_eval --model hf done in {time.time() - t:.0f}s", file=sys.stderr)
     return True
+
+
+def _perplexity(model_dir: Path, topk: str, alphas: str, tokens: int = 256) -> None:
+    """The same settings on held-out prose: the curve that a few multiple-choice items cannot resolve."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lm_eval_bh.real import perplexity_curve
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = perplexity_curve(model, tok, [int(k) for k in topk.split(",")], [float(a) for a in alphas.split(",")],
+                            tokens=tokens)
+    print(f"\n## Held-out perplexity ({tokens} tokens of Python's pydoc prose that the build did not fit on)\n")
+    print("| setting | mean k | perplexity | top-k at same k | BH vs top-k |\n|---|---:|---:|---:|---:|")
+    for r in rows:
+        ref = r.get("topk_ppl")
+        tail = f"{ref:.1f} | {r['ppl'] / ref - 1:+.1%}" if ref is not None and ref == ref else " | "
+        print(f"| {r['setting']} | {r['mean_k']:.2f} | {r['ppl']:.1f} | {tail} |")
+    print()
 
 
 def _check_agreement(rep, top_k: int) -> None:
