@@ -559,7 +559,7 @@ def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
             if not weights:
                 continue
             at_k = {k: fixed[fixed["fixed_k"].astype(float) == k] for k, _ in weights}
-            ref = sum(w * at_k[k]["acc"].mean() for k, w in weights)
+            ref = interpolate_fixed(fixed["fixed_k"].astype(float).tolist(), fixed["acc"].tolist(), float(row["mean_k"]))
             df.at[idx, "topk_acc_at_k"] = ref
             df.at[idx, "delta_vs_topk"] = row["acc"] - ref
             se, kind = _delta_se(df, row, weights, at_k)

@@ -37,6 +37,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
@@ -421,7 +422,51 @@ class _Once(logging.Filter):
 
 # --------------------------------------------------------------------------- run
 
+@dataclass
+class Plan:
+    """What one sweep evaluates: the checked flags, the model and its grid."""
+
+    out: Path
+    tasks: list
+    limit: int | float | None
+    num_fewshot: int | None
+    bootstrap_iters: int
+    batch_size: str
+    pretrained: str
+    model_args: dict  # without the routing arguments
+    base_routing: dict  # the routing arguments of --model_args, shared by every setting
+    model_name: str = "moe_bh"
+    grid: list = field(default_factory=list)
+    identities: dict = field(default_factory=dict)
+
+
 def run(args) -> int:
+    plan = read_flags(args)
+    quiet_lm_eval(args.verbose)
+    task_manager = check_tasks(plan, args.include_path)
+    lm = plan_grid(plan, args)  # before any weights load where the model's config is readable
+    make_folder(plan.out)
+    todo = check_existing(plan.out, plan.grid, plan.identities, args.overwrite)
+    print(f"sweep: {len(plan.grid)} settings, {len(plan.grid) - len(todo)} already done, {len(todo)} to run "
+          f"-> {plan.out}", file=sys.stderr)
+
+    def evaluate(sid, routing):
+        nonlocal lm
+        lm = lm or _load_model(plan.model_name, plan, args.device)
+        evaluate_setting(lm, plan, task_manager, sid, routing, args.device)
+
+    ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
+    print(f"sweep: {len(ran)} setting(s) run here, {len(elsewhere)} by another sweep on this folder", file=sys.stderr)
+
+    from lm_eval_bh.commands.report import report
+
+    text, _ = report([plan.out / f"{sid}.json" for sid, _ in plan.grid])  # the grid asked for, not other files
+    sys.stdout.write(text)
+    return 0
+
+
+def read_flags(args) -> Plan:
+    """Every flag checked and converted, one-line errors, nothing loaded yet."""
     out = Path(args.output_path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_path: {out} exists and is not a folder")
@@ -442,81 +487,73 @@ def run(args) -> int:
         raise UsageError(f"--include_path: {args.include_path} is not a folder")
     if args.calibration is not None and not Path(args.calibration).is_file():
         raise UsageError(f"--calibration: {args.calibration} is not a file")
+    base_routing = {k: model_args.pop(k) for k in list(model_args) if k in ROUTING_ARGS}
+    pretrained = str(model_args.get("pretrained", DEFAULT_PRETRAINED))
+    return Plan(out, tasks, limit, num_fewshot, bootstrap_iters, bs, pretrained, model_args, base_routing)
 
-    if not args.verbose:
+
+def quiet_lm_eval(verbose: bool) -> None:
+    if not verbose:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval.api.task").addFilter(_Once())
 
-    routing_args = set(ROUTING_ARGS)
-    pretrained = model_args.get("pretrained", DEFAULT_PRETRAINED)
-    base_routing = {k: model_args.pop(k) for k in list(model_args) if k in routing_args}
-    config = read_model_config(pretrained, model_args.get("revision"))
-    grid = None
-    if config is not None:  # check the flags early, before any weights load
-        from lm_eval_bh.families import config_shape
 
-        num_experts, top_k, _ = config_shape(config, source=str(pretrained))
-        grid = build_grid(args, int(top_k), int(num_experts), base_routing)
-
-    # tasks: check names before any weights load
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=args.include_path)
-    unknown = [t for t in tasks if t not in tm.all_tasks]
-    if unknown:
-        raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with 'lm-eval ls tasks'"
-                         + (f" --include_path {args.include_path}" if args.include_path else ""))
+def plan_grid(plan: Plan, args):
+    """Fill the plan's model name, grid and identities from the model's config (read on its own when
+    it can be: then nothing is loaded and None is returned; else the loaded model is)."""
+    from lm_eval_bh.families import config_shape
 
     lm = None
-    if grid is None:  # config not readable on its own: load the model to learn its shape
-        lm = _load_model("moe_bh", model_args, base_routing, args)
+    config = read_model_config(plan.pretrained, plan.model_args.get("revision"))
+    if config is None:  # config not readable on its own: load the model to learn its shape
+        lm = _load_model("moe_bh", plan, args.device)
         config = lm.model.config
-        from lm_eval_bh.families import config_shape
+    num_experts, top_k, _ = config_shape(config, source=plan.pretrained)
+    plan.grid = build_grid(args, int(top_k), int(num_experts), plan.base_routing)
+    plan.model_name = lm_eval_model_name(config)
+    evaluation = evaluation_identity(plan.pretrained, plan.model_args, plan.tasks, plan.limit, plan.num_fewshot)
+    plan.identities = {sid: setting_identity(evaluation, r) for sid, r in plan.grid}
+    return lm
 
-        num_experts, top_k, _ = config_shape(config)
-        grid = build_grid(args, int(top_k), int(num_experts), base_routing)
-    model_name = lm_eval_model_name(config)
-    evaluation = evaluation_identity(pretrained, model_args, tasks, limit, num_fewshot)
-    identities = {sid: setting_identity(evaluation, r) for sid, r in grid}
 
+def check_tasks(plan: Plan, include_path):
+    """lm-eval's TaskManager, after checking every task name (before any weights load)."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=include_path)
+    unknown = [t for t in plan.tasks if t not in tm.all_tasks]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with 'lm-eval ls tasks'"
+                         + (f" --include_path {include_path}" if include_path else ""))
+    return tm
+
+
+def make_folder(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--output_path: cannot create {out}: {e.strerror or e}") from None
-    todo = check_existing(out, grid, identities, args.overwrite)
-    print(f"sweep: {len(grid)} settings, {len(grid) - len(todo)} already done, {len(todo)} to run -> {out}",
-          file=sys.stderr)
 
-    def evaluate(sid, routing):
-        nonlocal lm
-        if lm is None:
-            lm = _load_model(model_name, model_args, base_routing, args)
-        import lm_eval
 
-        t0 = time.time()
-        lm.set_routing(**routing)
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=tm,
-            log_samples=True, bootstrap_iters=bootstrap_iters,
-        )  # never use_cache: see the module docstring
-        if results is None:  # not rank 0
-            return
-        samples = results.pop("samples", None) or {}
-        results["config"].update({"model": model_name, "model_args": {**model_args, **routing},
-                                  "batch_size": bs, "device": args.device})
-        results["model_name"] = pretrained
-        results["sweep"] = {"setting_id": sid, "identity": identities[sid], "seconds": round(time.time() - t0, 2)}
-        write_atomic(out / f"{sid}.samples.jsonl", samples_jsonl(samples))
-        write_atomic(out / f"{sid}.json", results_json(results))  # last: its presence means done
+def evaluate_setting(lm, plan: Plan, task_manager, sid: str, routing: dict, device) -> None:
+    """One setting through lm_eval.simple_evaluate; its samples, then its results file (the marker of done)."""
+    import lm_eval
 
-    ran, elsewhere = run_claimed(out, todo, identities, evaluate)
-    print(f"sweep: {len(ran)} setting(s) run here, {len(elsewhere)} by another sweep on this folder", file=sys.stderr)
-
-    from lm_eval_bh.commands.report import report
-
-    text, _ = report([out / f"{sid}.json" for sid, _ in grid])  # the grid asked for, not other files
-    sys.stdout.write(text)
-    return 0
+    t0 = time.time()
+    lm.set_routing(**routing)
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=plan.tasks, num_fewshot=plan.num_fewshot, limit=plan.limit, task_manager=task_manager,
+        log_samples=True, bootstrap_iters=plan.bootstrap_iters,
+    )  # never use_cache: see the module docstring
+    if results is None:  # not rank 0
+        return
+    samples = results.pop("samples", None) or {}
+    results["config"].update({"model": plan.model_name, "model_args": {**plan.model_args, **routing},
+                              "batch_size": plan.batch_size, "device": device})
+    results["model_name"] = plan.pretrained
+    results["sweep"] = {"setting_id": sid, "identity": plan.identities[sid], "seconds": round(time.time() - t0, 2)}
+    write_atomic(plan.out / f"{sid}.samples.jsonl", samples_jsonl(samples))
+    write_atomic(plan.out / f"{sid}.json", results_json(results))
 
 
 def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list[str], list[str]]:
@@ -551,10 +588,10 @@ def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list
     return ran, elsewhere
 
 
-def _load_model(model_name: str, model_args: dict, base_routing: dict, args):
+def _load_model(model_name: str, plan: Plan, device):
     import lm_eval_bh.lm  # noqa: F401  (registers olmoe_bh / moe_bh)
     from lm_eval.api.registry import get_model
 
-    extra = {"batch_size": str(args.batch_size), "device": args.device}
-    return get_model(model_name).create_from_arg_obj({**model_args, **base_routing},
+    extra = {"batch_size": plan.batch_size, "device": device}
+    return get_model(model_name).create_from_arg_obj({**plan.model_args, **plan.base_routing},
                                                      {k: v for k, v in extra.items() if v is not None})
