@@ -319,6 +319,7 @@ def test_paired_standard_error_of_the_matched_cost_delta(tmp_path, capsys):
     import numpy as np
 
     d = tmp_path / "r"
+    M = "pretrained=m"  # one model
     items = {1: {"a": [0, 1, 0, 1, 0, 0], "b": [1, 0, 0, 0, 1, 1]},
              2: {"a": [1, 1, 0, 1, 0, 1], "b": [1, 1, 0, 0, 1, 1]},
              "bh": {"a": [1, 1, 1, 0, 0, 1], "b": [0, 1, 1, 0, 1, 1]}}
@@ -327,10 +328,10 @@ def test_paired_standard_error_of_the_matched_cost_delta(tmp_path, capsys):
     for k in (1, 2):  # plain lm_eval --log_samples runs
         run = d / f"top{k}" / "m"
         results_file(run / f"results_{date}.json", {t: (acc[k][t], 0.2) for t in "ab"},
-                     routing=routing_block(k, min_k=k, max_k=k))
+                     routing=routing_block(k, min_k=k, max_k=k), model_args=M)
         for t in "ab":
             (run / f"samples_{t}_{date}.jsonl").write_text(_samples_lines(t, items[k][t]).replace('"task": "%s", ' % t, ""))
-    bh = results_file(d / "bh.json", {t: (acc["bh"][t], 0.2) for t in "ab"}, routing=routing_block(1.25),
+    bh = results_file(d / "bh.json", {t: (acc["bh"][t], 0.2) for t in "ab"}, routing=routing_block(1.25), model_args=M,
                       sweep={"setting_id": "bh", "identity": None})
     (d / "bh.samples.jsonl").write_text(_samples_lines("a", items["bh"]["a"]) + _samples_lines("b", items["bh"]["b"]))
 
@@ -348,6 +349,16 @@ def test_paired_standard_error_of_the_matched_cost_delta(tmp_path, capsys):
     assert a["delta_se"] == pytest.approx(math.hypot(expected("a")[1], expected("b")[1]) / 2)
     assert a["delta_se_kind"] == "paired" and "se: paired" in text
     assert f"{a['delta_vs_topk']:+.4f} ± {a['delta_se']:.4f}" in text
+
+    # a second top-2 run without per-sample outputs (a plain --model hf run, say) that scores the same:
+    # still paired, on the items of the run that has them; scoring differently: unpaired
+    hf = results_file(d / "hf2.json", {t: (acc[2][t], 0.2) for t in "ab"}, routing=routing_block(2, min_k=2, max_k=2),
+                      model="hf", model_args=M)
+    assert _row(R.report([d], err=sys.stderr)[1], setting, "a")["delta_se_kind"] == "paired"
+    results_file(hf, {t: (acc[2][t] + 0.1, 0.2) for t in "ab"}, routing=routing_block(2, min_k=2, max_k=2), model="hf",
+                 model_args=M)
+    assert _row(R.report([d], err=sys.stderr)[1], setting, "a")["delta_se_kind"] == "unpaired"
+    hf.unlink()
 
     bh.with_name("bh.samples.jsonl").unlink()  # no per-sample outputs: the unpaired SE, labelled as such
     text, rep = R.report([d], err=sys.stderr)

@@ -9,7 +9,8 @@ Three small layers, each usable on its own:
 * rendering -- :func:`render` (md/csv/json) and :func:`make_plot` (matplotlib Figure).
 
 Inputs are lm-eval's own results JSON (``--output_path`` of ``lm_eval run`` or of
-``lm-eval-bh sweep``). Runs of ``--model olmoe_bh``/``moe_bh`` carry ``config["routing"]``; plain
+``lm-eval-bh sweep``). Runs of ``--model olmoe_bh``/``moe_bh`` carry ``config["routing"]`` (read as
+`results_schema.RoutingBlock`); plain
 ``--model hf`` runs do not: their expert count is the fixed top-k from ``model_args``
 (``num_experts_per_tok=K``) or from the model's config.json.
 
@@ -38,6 +39,7 @@ import pandas as pd
 
 from ..errors import UsageError
 from ..model_args import parse_model_args as _parse_model_args
+from ..results_schema import routing_block
 
 AVERAGE = "(average)"
 FIXED_RULE = "top-k"
@@ -300,30 +302,26 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
     config = data.get("config") or {}
     margs = parse_model_args(config.get("model_args"))
     pretrained = str(margs.get("pretrained") or data.get("model_name") or config.get("model") or "?")
-    routing = config.get("routing")
+    block = routing_block(data)
     date = _as_float(data.get("date"))
     limit = config.get("limit")
     source = str(config.get("model") or "?")
     note = None
 
-    per_task_k: dict[str, dict] = {}
-    if isinstance(routing, dict):
-        settings = routing.get("settings") or {}
-        setting, rule, fixed_k, alpha = _setting_label(settings, source)
-        model_info = routing.get("model") or {}
-        top_k = _as_float(model_info.get("top_k"))
-        mean_k = _as_float(routing.get("mean_experts_per_token"))
-        active = _as_float(routing.get("active_params_per_token"))
-        dense = _as_float(model_info.get("dense_params"))
-        per_k = _as_float(model_info.get("params_per_expert")) * _as_float(model_info.get("num_layers"))
-        if math.isnan(per_k) and not math.isnan(active) and not math.isnan(dense) and mean_k and mean_k > 0:
-            per_k = (active - dense) / mean_k
+    per_task_k: dict = {}
+    if block is not None:
+        setting, rule, fixed_k, alpha = _setting_label(block.settings, source)
+        top_k = float(block.model.top_k)
+        mean_k = _as_float(block.mean_experts_per_token)
+        active = _as_float(block.active_params_per_token)
+        dense = float(block.model.dense_params)
+        per_k = float(block.model.params_per_expert * block.model.num_layers)
         if rule.startswith(ANALYZE_PREFIX):
             # the stock model ran: its cost is top_k experts per token, whatever the rule would pick
             setting += f" (routes stock top-{_short(top_k)}; the rule would use {mean_k:.3f})"
             mean_k = top_k
         else:
-            per_task_k = routing.get("per_task") or {}
+            per_task_k = block.per_task
         if math.isnan(active) or rule.startswith(ANALYZE_PREFIX):
             active = dense + per_k * mean_k
     else:
@@ -356,9 +354,9 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
         if metric is None:
             continue
         t_k = mean_k
-        pt = per_task_k.get(task) if isinstance(per_task_k, dict) else None
-        if isinstance(pt, dict) and not math.isnan(_as_float(pt.get("mean_experts_per_token"))):
-            t_k = _as_float(pt["mean_experts_per_token"])
+        pt = per_task_k.get(task)
+        if pt is not None and not math.isnan(_as_float(pt.mean_experts_per_token)):
+            t_k = _as_float(pt.mean_experts_per_token)
         t_active = active
         if not math.isnan(per_k) and not math.isnan(dense) and not math.isnan(t_k):
             t_active = dense + per_k * t_k
@@ -368,7 +366,7 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
             "expert_fraction": t_k / top_k if top_k and not math.isnan(top_k) else math.nan,
             "active_params": t_active, "n_tasks": 1, "limit": limit, "source": source, "file": str(file),
             "_date": date,
-            "_tokens": _as_float(pt.get("tokens")) if isinstance(pt, dict) else math.nan,
+            "_tokens": _as_float(pt.tokens) if pt is not None else math.nan,
             "_dense": dense, "_per_k": per_k,
             "_filter": filt, "_samples": samples_source(file, data, task),
         })
@@ -526,9 +524,12 @@ def _paired_task(row, task: str, refs: dict, weights) -> tuple[float, float, int
     ref = np.zeros(len(mine))
     ids = sorted(mine)
     for k, w in weights:
-        runs = [load_item_scores(r["_samples"], task, r["metric"], r["_filter"]) for r in refs.get(k, [])]
-        if not runs or any(s is None or sorted(s) != ids for s in runs):
+        rows = refs.get(k, [])
+        runs = [s for s in (load_item_scores(r["_samples"], task, r["metric"], r["_filter"]) for r in rows) if s]
+        if not runs or any(sorted(s) != ids for s in runs):
             return None
+        if len(runs) < len(rows) and len({float(r["acc"]) for r in rows}) > 1:
+            return None  # a run at this k without per-sample outputs scored differently: no pairing
         ref += w * np.mean([[s[i] for i in ids] for s in runs], axis=0)
     d = np.array([mine[i] for i in ids]) - ref
     if not np.all(np.isfinite(d)):
