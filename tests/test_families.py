@@ -87,9 +87,10 @@ def build(model_type: str, seed: int = 0):
         for layer in find_moe_layers(model):
             layer.weight.normal_(0, 0.5)  # spread the logits
             for module in (layer.router, layer.block):  # nonzero correction biases, so that they matter
-                for name, buffer in module.named_buffers(recurse=module is layer.router):
-                    if "bias" in name and buffer.shape == (layer.num_experts,):
-                        buffer.normal_(0, 0.05)
+                deep = module is layer.router
+                for name, tensor in [*module.named_buffers(recurse=deep), *module.named_parameters(recurse=deep)]:
+                    if "bias" in name and tensor.numel() == layer.num_experts:
+                        tensor.normal_(0, 0.05)
     return model
 
 
