@@ -19,7 +19,7 @@ for these settings (`+` adds a modifier):
   bhforced         bhvar with k forced per token uniformly over 1..7 (mean 4): `routing.route` is wrapped
                    (here only) to route with min_k = max_k, then keep the first k slots of each token
   +exact/+padded/+compact   force a dispatch strategy (default: dispatch's automatic choice)
-  +compiled        routing.route through torch.compile(dynamic=True) (a proposal, not the product)
+  +compiled        routing.route through torch.compile(dynamic=True) (the product's compile_router=true)
   +nostats         BHRouting's per-layer statistics recording switched off (to price it)
 
 Writes bench.json (device, versions, shapes, every figure, ratios) and bench.md (Markdown tables) to
@@ -189,7 +189,7 @@ class Bench:
     @contextlib.contextmanager
     def setting(self, spec: str):
         base, *mods = spec.split("+")
-        saved = (routing.route, BHRouting._record, dispatch.STRATEGY)
+        saved = (routing.route, BHRouting._record, dispatch.choose)
         gate_list = gates(self.model)
         top_ks = [g.top_k for g in gate_list]
         try:
@@ -200,8 +200,8 @@ class Bench:
             if "nostats" in mods:
                 BHRouting._record = lambda *a, **kw: None
             for m in mods:
-                if m in STRATEGY_MODS:
-                    dispatch.STRATEGY = STRATEGY_MODS[m]
+                if m in STRATEGY_MODS:  # force one dispatch strategy (the product chooses by backend and size)
+                    dispatch.choose = lambda *a, strategy=STRATEGY_MODS[m]: strategy
             if base in ("stock8", "stock4"):
                 for g in gate_list:
                     g.top_k = self.top_k if base == "stock8" else self.top_k // 2
@@ -215,7 +215,7 @@ class Bench:
                 with BHRouting(cfg).patch(self.model) as r:
                     yield r
         finally:
-            routing.route, BHRouting._record, dispatch.STRATEGY = saved
+            routing.route, BHRouting._record, dispatch.choose = saved
             for g, k in zip(gate_list, top_ks):
                 g.top_k = k
 
@@ -422,18 +422,14 @@ def run_dispatch(bench: Bench, logits_by_t: dict[int, torch.Tensor]) -> dict:
             model.set_experts_implementation(backend)
             iters = 20 if device.type == "cuda" else 1
             fns = {
-                "stock8": lambda: dispatch._stock_forward(experts, hidden, i8, w8),
-                "stock4": lambda: dispatch._stock_forward(experts, hidden, i4, w4),
-                "auto": lambda: dispatch.experts_forward(experts, hidden, idx, w),
+                "stock8": lambda: dispatch._stock_forward(experts, hidden, i8, w8, backend),
+                "stock4": lambda: dispatch._stock_forward(experts, hidden, i4, w4, backend),
+                "auto": lambda: dispatch.experts_forward(experts, hidden, idx, w, backend),
                 "grouped_exact": lambda: dispatch.grouped_forward(experts, hidden, idx, w, exact=True),
-                "grouped_exact_index_add": lambda: dispatch.grouped_forward(
-                    experts, hidden, idx, w, exact=True, combine="index_add"),
-                "grouped_exact_padded_sum": lambda: dispatch.grouped_forward(
-                    experts, hidden, idx, w, exact=True, combine="padded"),
                 "grouped_padded": lambda: dispatch.grouped_forward(experts, hidden, idx, w, exact=False),
-                "compact": lambda: dispatch.compact_forward(experts, hidden, idx, w),
+                "compact": lambda: dispatch.compact_forward(experts, hidden, idx, w, backend),
             }
-            row = {"backend": backend, "auto_choice": dispatch.choose(experts, hidden),
+            row = {"backend": backend, "auto_choice": dispatch.choose(experts, hidden, backend),
                    "pairs": int((idx < num_experts).sum())}
             with torch.inference_mode():
                 for name, fn in fns.items():
@@ -441,8 +437,7 @@ def run_dispatch(bench: Bench, logits_by_t: dict[int, torch.Tensor]) -> dict:
                 # correctness of every strategy against a float32 reference, on fresh inputs
                 if t <= 8192:
                     ref = reference_experts(experts, hidden, idx, w)
-                    for name in ("auto", "grouped_exact", "grouped_exact_index_add", "grouped_exact_padded_sum",
-                                 "grouped_padded", "compact"):
+                    for name in ("auto", "grouped_exact", "grouped_padded", "compact"):
                         got = fns[name]().float()
                         row[name + "_relerr"] = float((got - ref).norm() / ref.norm())
                         assert torch.isfinite(got).all(), name

@@ -18,9 +18,8 @@ transformers code. Two interchangeable implementations:
   then summed back per token.
 
 `experts_forward` chooses per call: `grouped` wherever torch's grouped GEMM runs for the module's
-weights and the configured backend is `grouped_mm` or `batched_mm` (generate() switches grouped_mm to
-batched_mm for decoding by itself), `compact` otherwise. `STRATEGY` overrides the choice (benchmarks,
-tests). Measured on an H200 (bench/README.md, results/bench/), one layer of OLMoE-1B-7B, k forced
+weights and the stock backend is `grouped_mm` or `batched_mm`, `compact` otherwise (bench/bench.py forces each one to compare them).
+Measured on an H200 (bench/README.md, results/bench/), one layer of OLMoE-1B-7B, k forced
 uniform over 1..7 (mean 4): at 8,192 tokens exact 1.46 ms, padded 2.83, compact 2.65, stock top-4
 2.10, stock top-8 3.79; at 32 tokens under batched_mm padded 0.27 ms, exact 0.34, compact 1.15,
 stock top-4 0.99; exact and padded cross near 1,024 tokens x 8 slots.
@@ -30,32 +29,57 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["STRATEGIES", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
+__all__ = ["STRATEGIES", "backend_name", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
+
+# The patch registers this dispatch with transformers' experts interface (the registry behind
+# `set_experts_implementation`, transformers >= 5.7) as "<prefix><stock backend>", one name per stock backend.
+BACKEND_PREFIX = "lm_eval_bh+"
 
 # Above this many routing slots (tokens * max_k) the grouped path pays one host sync to run exactly
 # the real pairs; below it (decoding), it runs padded rows through the element-wise passes instead.
 EXACT_MIN_PAIRS = 8192
 
-# None = automatic; else one of STRATEGIES (for benchmarks and tests).
-STRATEGY: str | None = None
-
 # Backends for which the grouped path replaces the stock one when grouped GEMMs run here.
 GROUPED_BACKENDS = ("grouped_mm", "batched_mm")
 
 
-def _stock_forward(experts, hidden, index, weight):
-    """The experts module's class forward: transformers' dispatch to the configured backend."""
-    return type(experts).forward(experts, hidden, index, weight)
+def backend_name(stock: str) -> str:
+    """Register (again: idempotent) the padding-aware dispatch in front of the `stock` experts backend with
+    transformers' experts interface; returns the name to pass to `model.set_experts_implementation`."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    def forward(experts, hidden, index, weight):
+        return experts_forward(experts, hidden, index, weight, stock)
+
+    name = BACKEND_PREFIX + stock
+    ExpertsInterface.register(name, forward)
+    return name
 
 
-def compact_forward(experts, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _configured(experts) -> str:
+    backend = getattr(getattr(experts, "config", None), "_experts_implementation", None) or "eager"
+    return backend[len(BACKEND_PREFIX):] if backend.startswith(BACKEND_PREFIX) else backend
+
+
+def _stock_forward(experts, hidden, index, weight, stock: str | None = None):
+    """The `stock` experts backend of transformers (default: the module's configured one, ours excepted)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    stock = stock or _configured(experts)
+    cls_forward = type(experts).forward
+    fn = ALL_EXPERTS_FUNCTIONS[stock] if stock in ALL_EXPERTS_FUNCTIONS else getattr(cls_forward, "__wrapped__", cls_forward)
+    return fn(experts, hidden, index, weight)
+
+
+def compact_forward(experts, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                    stock: str | None = None) -> torch.Tensor:
     """Hand only the real (token, expert) pairs to the stock backend, as a top-1 call."""
     token, slot = (index < experts.num_experts).nonzero(as_tuple=True)
     out = torch.zeros_like(hidden)
     if token.numel():
         pair_index = index[token, slot].unsqueeze(-1)
         pair_weight = weight[token, slot].unsqueeze(-1)
-        y = _stock_forward(experts, hidden[token], pair_index, pair_weight)
+        y = _stock_forward(experts, hidden[token], pair_index, pair_weight, stock)
         out.index_put_((token,), y.to(out.dtype), accumulate=True)  # deterministic, unlike index_add_
     return out
 
@@ -107,14 +131,11 @@ def grouped_forward(
     index: torch.Tensor,
     weight: torch.Tensor,
     exact: bool | None = None,
-    combine: str = "index_put",
 ) -> torch.Tensor:
     """Sort pairs by expert (padding sorts last), grouped GEMMs over the real pairs only.
 
     `exact`: None chooses by size (EXACT_MIN_PAIRS); True syncs once and runs n real rows; False
-    never syncs and masks the padded rows. `combine` (exact only; benchmarks): "index_put"
-    (deterministic, float32 accumulation), "index_add" (atomics), "padded" (scatter into T * max_k rows
-    and sum).
+    never syncs and masks the padded rows.
     """
     num_tokens, k = index.shape
     num_experts = experts.num_experts
@@ -160,43 +181,41 @@ def grouped_forward(
         y = _grouped_linear(experts, h * w, experts.down_proj, None, ids, offs)
     else:
         y = _grouped_linear(experts, h, experts.down_proj, down_bias, ids, offs) * w
-    if combine == "padded":
-        unsorted = y.new_zeros(num_tokens * k, y.shape[-1])
-        unsorted[perm] = y
-        return unsorted.view(num_tokens, k, y.shape[-1]).sum(dim=1).to(hidden.dtype)
     out = torch.zeros_like(hidden)
-    if combine == "index_add":
-        return out.index_add_(0, token, y.to(out.dtype))
     # Sorted by token internally; each token's rows are summed in float32 and rounded once.
     return out.index_put_((token,), y.to(out.dtype), accumulate=True)
 
 
-def _grouped_exact(experts, hidden, index, weight):
+def _grouped(experts, hidden, index, weight, stock=None):
+    return grouped_forward(experts, hidden, index, weight)
+
+
+def _grouped_exact(experts, hidden, index, weight, stock=None):
     return grouped_forward(experts, hidden, index, weight, exact=True)
 
 
-def _grouped_padded(experts, hidden, index, weight):
+def _grouped_padded(experts, hidden, index, weight, stock=None):
     return grouped_forward(experts, hidden, index, weight, exact=False)
 
 
 STRATEGIES = {
-    "grouped": grouped_forward,
+    "grouped": _grouped,
     "compact": compact_forward,
     "grouped_exact": _grouped_exact,
     "grouped_padded": _grouped_padded,
 }
 
 
-def choose(experts, hidden: torch.Tensor) -> str:
-    """The strategy `experts_forward` uses for this module and input."""
-    if STRATEGY is not None:
-        return STRATEGY
-    backend = getattr(getattr(experts, "config", None), "_experts_implementation", None)
-    if backend in GROUPED_BACKENDS and grouped_supported(experts, hidden):
+def choose(experts, hidden: torch.Tensor, stock: str | None = None) -> str:
+    """The strategy `experts_forward` uses for this module and input in front of the `stock` backend."""
+    if (stock or _configured(experts)) in GROUPED_BACKENDS and grouped_supported(experts, hidden):
         return "grouped"
     return "compact"
 
 
-def experts_forward(experts, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Forward of a patched experts module: the stock signature, padding-aware."""
-    return STRATEGIES[choose(experts, hidden)](experts, hidden, index, weight)
+def experts_forward(experts, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor,
+                    stock: str | None = None) -> torch.Tensor:
+    """Padding-aware forward of an experts module (transformers' signature) in front of the `stock` backend
+    (default: the module's configured one)."""
+    stock = stock or _configured(experts)
+    return STRATEGIES[choose(experts, hidden, stock)](experts, hidden, index, weight, stock)

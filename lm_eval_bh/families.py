@@ -354,7 +354,7 @@ def find_moe_layers(model: torch.nn.Module) -> list[MoELayer]:
         if isinstance(router, torch.nn.Module) and experts is not None and type(router).__name__ == family.router_class:
             layers.append(MoELayer(module, router, experts, family))
     if not layers:
-        raise RoutingError(f"{type(model).__name__} has no {family.router_class} router (transformers >= 5.6)")
+        raise RoutingError(f"{type(model).__name__} has no {family.router_class} router (transformers >= 5.7)")
     return layers
 
 

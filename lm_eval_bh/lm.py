@@ -85,9 +85,10 @@ class MoEBHLM(HFLM):
         if pretrained is None:
             raise RoutingError("moe_bh needs pretrained=<hub id, local path or model>")
         self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
-        compile_router = kwargs.pop("compile_router", None)  # torch.compile the router on CUDA (default: yes)
+        compile_router = kwargs.pop("compile_router", None)  # torch.compile the router on CUDA (default: no)
         self._compile_router = None if compile_router is None else _as_bool("compile_router", compile_router)
         self._real_inputs: set[int] | None = None
+        self._zero_tail = False
         self._rank_totals: dict = {}
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         super().__init__(pretrained=pretrained, **kwargs)
@@ -175,7 +176,10 @@ class MoEBHLM(HFLM):
     def _loglikelihood_tokens(self, requests, *args, **kwargs):
         # Remember every request's model input so _model_call can tell real tokens from padding.
         window = self.max_length + 1
-        self._real_inputs = {hash(tuple((ctx + cont)[-window:][:-1])) for _, ctx, cont in requests}
+        inputs = [tuple((ctx + cont)[-window:][:-1]) for _, ctx, cont in requests]
+        self._real_inputs = {hash(t) for t in inputs}
+        # Usually no input ends in token 0: then a row's real tokens end at its last non-zero one.
+        self._zero_tail = any(t and t[-1] == 0 for t in inputs)
         try:
             return super()._loglikelihood_tokens(requests, *args, **kwargs)
         finally:
@@ -183,7 +187,15 @@ class MoEBHLM(HFLM):
 
     def _real_token_mask(self, inps: torch.Tensor) -> torch.Tensor:
         """Right padding is token 0 and so can be a real token: the real length of each row is the
-        shortest prefix, ending after its last non-zero token, that is one of the requests' inputs."""
+        shortest prefix, ending after its last non-zero token, that is one of the requests' inputs.
+
+        When no request's input ends in token 0 that prefix ends at the row's last non-zero token:
+        computed on the device (no copy to the host, no Python loop per row)."""
+        if not self._zero_tail:
+            nonzero = inps != 0
+            positions = torch.arange(1, inps.shape[1] + 1, device=inps.device)
+            length = torch.where(nonzero, positions, 0).amax(dim=1, keepdim=True)
+            return positions <= length
         mask = torch.zeros(inps.shape, dtype=torch.bool)
         for row, tokens in enumerate(inps.tolist()):
             length = len(tokens)

@@ -1,9 +1,11 @@
 """Patch a loaded transformers MoE model so its routers select experts adaptively.
 
-Nothing in transformers is changed: the patch sets instance-level `forward`s on the routers (and, when
-k varies, on the experts modules; under accelerate's device hooks, the `_old_forward` they call),
-and two forward hooks on the model: before, which tokens are real and in which group; after, one
-update of the statistics for all layers. With a fixed k the stock routers run untouched (only their
+Nothing in transformers is changed: the patch sets instance-level `forward`s on the routers (under
+accelerate's device hooks, the `_old_forward` they call); when k varies, it switches the model's
+experts implementation to the padding-aware dispatch (lm_eval_bh/dispatch.py), registered with
+transformers' experts interface in front of the model's own backend; and it adds two forward hooks on
+the model: before, which tokens are real and in which group; after, one update of the statistics for
+all layers. With a fixed k the stock routers run untouched (only their
 `top_k` changes). `unpatch()` undoes exactly what `patch()` did, so the model is the stock model
 again, bit for bit. Use it as a context manager or with explicit patch/unpatch:
 
@@ -37,12 +39,14 @@ class BHRouting:
     """Adaptive (Benjamini-Hochberg) routing for one model, with exact statistics of experts per token."""
 
     def __init__(self, config: RoutingConfig | None = None, *, compile: bool | None = None, **settings):
-        """`compile`: run the router through torch.compile on CUDA (default: on), where the eager router's
-        ~50 small kernels per layer would cost several percent of the forward."""
+        """`compile`: run the router through torch.compile on CUDA (default: off). Compiled, the router
+        launches a few fused kernels per layer instead of ~50 small ones, but the first forward of a
+        process (and of every new alpha) waits ~13 s for the compiler; through lm-eval both cost about
+        the same warm (bench/README.md), so compiling pays only for long runs."""
         self.config = config if config is not None else RoutingConfig(**settings)
         if config is not None and settings:
             raise TypeError("pass either a RoutingConfig or keyword settings, not both")
-        self.compile = True if compile is None else _as_bool("compile_router", compile)
+        self.compile = False if compile is None else _as_bool("compile_router", compile)
         self.model: torch.nn.Module | None = None
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
@@ -91,6 +95,8 @@ class BHRouting:
         try:
             for i, layer in enumerate(layers):
                 self._patch_layer(i, layer)
+            if cfg.mode == "patch" and not self.fixed and not cfg.fixed_k:
+                self._use_dispatch(model, layers)
             for handle in (
                 model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 model.register_forward_hook(self._after_forward),
@@ -120,8 +126,21 @@ class BHRouting:
             self._set_attr(layer.router, "top_k", cfg.max_k)  # counted once per forward, see _before_forward
         else:
             self._set_forward(layer.router, self._make_router(i, layer))
-            if not cfg.fixed_k:
-                self._set_forward(layer.experts, types.MethodType(dispatch.experts_forward, layer.experts))
+
+    def _use_dispatch(self, model: torch.nn.Module, layers: list[MoELayer]) -> None:
+        """Variable k: every experts call goes through dispatch.py (padding slots never reach transformers'
+        backends), set through transformers' experts interface and restored by unpatch."""
+        stock = getattr(getattr(layers[0].experts, "config", None), "_experts_implementation", None)
+        if not isinstance(stock, str) or not hasattr(type(layers[0].experts).forward, "__wrapped__"):
+            raise RoutingError(
+                f"{type(layers[0].experts).__name__} does not dispatch through transformers' experts interface, "
+                "which a variable number of experts per token needs (transformers >= 5.7)"
+            )
+        name = dispatch.backend_name(stock)
+        model.set_experts_implementation(name)
+        self._undo.append(lambda: model.set_experts_implementation(stock))
+        if any(l.experts.config._experts_implementation != name for l in layers):
+            raise RoutingError(f"{type(model).__name__} did not take the padding-aware experts implementation")
 
     def _set_forward(self, module: torch.nn.Module, forward) -> None:
         attr = "forward"
