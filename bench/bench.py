@@ -74,7 +74,12 @@ DECODE_SETTINGS = BASE + [
     "bhforced+exact", "bhforced+compact", "bh8+nostats", "bh4+nostats", "bhvar+compiled", "bhforced+compiled",
     "bhvar+compiled+nostats", "stock4",
 ]
-STRATEGY_MODS = {"exact": "grouped_exact", "padded": "grouped_padded", "compact": "compact"}
+# Forced dispatch strategies (the product chooses by backend and size): replace dispatch.experts_forward.
+FORCED = {
+    "exact": lambda e, h, i, w, stock=None: dispatch.grouped_forward(e, h, i, w, exact=True),
+    "padded": lambda e, h, i, w, stock=None: dispatch.grouped_forward(e, h, i, w, exact=False),
+    "compact": lambda e, h, i, w, stock=None: dispatch.compact_forward(e, h, i, w, stock),
+}
 
 
 def log(*a):
@@ -189,7 +194,7 @@ class Bench:
     @contextlib.contextmanager
     def setting(self, spec: str):
         base, *mods = spec.split("+")
-        saved = (routing.route, BHRouting._record, dispatch.choose)
+        saved = (routing.route, BHRouting._record, dispatch.experts_forward)
         gate_list = gates(self.model)
         top_ks = [g.top_k for g in gate_list]
         try:
@@ -200,8 +205,8 @@ class Bench:
             if "nostats" in mods:
                 BHRouting._record = lambda *a, **kw: None
             for m in mods:
-                if m in STRATEGY_MODS:  # force one dispatch strategy (the product chooses by backend and size)
-                    dispatch.choose = lambda *a, strategy=STRATEGY_MODS[m]: strategy
+                if m in FORCED:
+                    dispatch.experts_forward = FORCED[m]
             if base in ("stock8", "stock4"):
                 for g in gate_list:
                     g.top_k = self.top_k if base == "stock8" else self.top_k // 2
@@ -215,7 +220,7 @@ class Bench:
                 with BHRouting(cfg).patch(self.model) as r:
                     yield r
         finally:
-            routing.route, BHRouting._record, dispatch.choose = saved
+            routing.route, BHRouting._record, dispatch.experts_forward = saved
             for g, k in zip(gate_list, top_ks):
                 g.top_k = k
 

@@ -204,7 +204,8 @@ def evaluate(lm, workload: str, task_manager, limit=None) -> dict:
     wall = time.perf_counter() - t0
     out = {"s": wall}
     if isinstance(lm, MoEBHLM):
-        out["mean_k"] = lm.routing.summary()["mean_experts_per_token"]
+        summary = lm.routing.summary()
+        out["mean_k"], out["k_histogram"] = summary["mean_experts_per_token"], summary["k_histogram"]
     metrics = res["results"].get(task, {})
     out["metric"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and "stderr" not in k}
     return out
@@ -360,7 +361,15 @@ def summarise(res: dict) -> dict:
             if s.startswith("bh"):
                 ref = "hf8" if s.startswith("bh8") else "hf4"
                 ratios[w][f"{s}/{ref}"] = speed(s, ref)
-    return {"table": table, "ratios": ratios}
+    # the compiled router against the eager one (the reference): same requests, same batches
+    same = {}
+    for w in res["workloads"]:
+        pairs = [(r, q) for r in runs for q in runs if r["workload"] == q["workload"] == w
+                 and r["setting"] == "bhvar4" and q["setting"] == "bhvar4c" and r["round"] == q["round"]]
+        if pairs:
+            same[w] = {"k_histogram_equal": all(r.get("k_histogram") == q.get("k_histogram") for r, q in pairs),
+                       "metrics_equal": all(r["metric"] == q["metric"] for r, q in pairs), "runs": len(pairs)}
+    return {"table": table, "ratios": ratios, "compiled_vs_eager": same}
 
 
 def markdown(res: dict) -> str:
@@ -399,6 +408,11 @@ def markdown(res: dict) -> str:
               "| workload | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for w, r in summ["ratios"].items():
         lines.append(f"| {names.get(w, w)} | " + " | ".join("" if r[k] is None else f"{r[k]:.3f}" for k in keys) + " |")
+    same = summ.get("compiled_vs_eager")
+    if same:
+        lines += ["", "Compiled router (bhvar4c) against the eager one (bhvar4), run for run: " + "; ".join(
+            f"{w}: k histograms {'identical' if v['k_histogram_equal'] else 'DIFFERENT'}, metrics "
+            f"{'identical' if v['metrics_equal'] else 'different'}" for w, v in same.items()) + "."]
     prof = res.get("profile")
     if prof:
         lines += ["", "Where the time goes, one warm run each (`--profile`; per forward, ms; for (c) a 'forward' "
@@ -446,7 +460,16 @@ def main(argv=None):
     p.add_argument("--profile", default=None, help="comma list of settings to profile (one warm run each)")
     p.add_argument("--profile-workloads", default="a32", help="comma list of workloads to profile")
     p.add_argument("--compile-router", default=None, help="olmoe_bh's compile_router (default: the product's)")
+    p.add_argument("--render", default=None, metavar="HARNESS_JSON", help="only rewrite harness.md beside a "
+                   "harness.json written earlier (also one cut short) and print it")
     args = p.parse_args(argv)
+    if args.render:
+        res = json.loads(Path(args.render).read_text())
+        res["summary"] = summarise(res)
+        md = markdown(res)
+        Path(args.render).with_name("harness.md").write_text(md + "\n")
+        print(md)
+        return res
     tiny = args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -18,8 +18,8 @@ transformers code. Two interchangeable implementations:
   then summed back per token.
 
 `experts_forward` chooses per call: `grouped` wherever torch's grouped GEMM runs for the module's
-weights and the stock backend is `grouped_mm` or `batched_mm`, `compact` otherwise (bench/bench.py forces each one to compare them).
-Measured on an H200 (bench/README.md, results/bench/), one layer of OLMoE-1B-7B, k forced
+weights and the stock backend is `grouped_mm` or `batched_mm`, `compact` otherwise (bench/bench.py
+forces each one to compare them). Measured on an H200 (bench/README.md, results/bench/), one layer of OLMoE-1B-7B, k forced
 uniform over 1..7 (mean 4): at 8,192 tokens exact 1.46 ms, padded 2.83, compact 2.65, stock top-4
 2.10, stock top-8 3.79; at 32 tokens under batched_mm padded 0.27 ms, exact 0.34, compact 1.15,
 stock top-4 0.99; exact and padded cross near 1,024 tokens x 8 slots.
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["STRATEGIES", "backend_name", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
+__all__ = ["backend_name", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
 
 # The patch registers this dispatch with transformers' experts interface (the registry behind
 # `set_experts_implementation`, transformers >= 5.7) as "<prefix><stock backend>", one name per stock backend.
@@ -186,26 +186,6 @@ def grouped_forward(
     return out.index_put_((token,), y.to(out.dtype), accumulate=True)
 
 
-def _grouped(experts, hidden, index, weight, stock=None):
-    return grouped_forward(experts, hidden, index, weight)
-
-
-def _grouped_exact(experts, hidden, index, weight, stock=None):
-    return grouped_forward(experts, hidden, index, weight, exact=True)
-
-
-def _grouped_padded(experts, hidden, index, weight, stock=None):
-    return grouped_forward(experts, hidden, index, weight, exact=False)
-
-
-STRATEGIES = {
-    "grouped": _grouped,
-    "compact": compact_forward,
-    "grouped_exact": _grouped_exact,
-    "grouped_padded": _grouped_padded,
-}
-
-
 def choose(experts, hidden: torch.Tensor, stock: str | None = None) -> str:
     """The strategy `experts_forward` uses for this module and input in front of the `stock` backend."""
     if (stock or _configured(experts)) in GROUPED_BACKENDS and grouped_supported(experts, hidden):
@@ -218,4 +198,6 @@ def experts_forward(experts, hidden: torch.Tensor, index: torch.Tensor, weight: 
     """Padding-aware forward of an experts module (transformers' signature) in front of the `stock` backend
     (default: the module's configured one)."""
     stock = stock or _configured(experts)
-    return STRATEGIES[choose(experts, hidden, stock)](experts, hidden, index, weight, stock)
+    if choose(experts, hidden, stock) == "grouped":
+        return grouped_forward(experts, hidden, index, weight)
+    return compact_forward(experts, hidden, index, weight, stock)

@@ -89,6 +89,7 @@ class MoEBHLM(HFLM):
         self._compile_router = None if compile_router is None else _as_bool("compile_router", compile_router)
         self._real_inputs: set[int] | None = None
         self._zero_tail = False
+        self._found_batch: tuple[int, int] | None = None
         self._rank_totals: dict = {}
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         super().__init__(pretrained=pretrained, **kwargs)
@@ -151,7 +152,9 @@ class MoEBHLM(HFLM):
             padding = seen[id(request)] > (request.repeats or 1)
             by_task[None if padding else request.task_name or "unknown"].append(i)
         results = [None] * len(requests)
-        for name in sorted(by_task, key=lambda n: (n is None, n or "")):
+        self._found_batch = None  # see _detect_batch_size
+        longest = {n: max(len(str(requests[i].args)) for i in idx) for n, idx in by_task.items()}
+        for name in sorted(by_task, key=lambda n: (n is None, -longest[n], n or "")):  # longest inputs first
             idx = by_task[name]
             with self.routing.paused() if name is None else self.routing.group(name):
                 for i, out in zip(idx, method([requests[i] for i in idx], **kwargs)):
@@ -169,9 +172,20 @@ class MoEBHLM(HFLM):
     def generate_until(self, requests, disable_tqdm: bool = False):
         return self._by_task(super().generate_until, requests, disable_tqdm=disable_tqdm)
 
-    def _detect_batch_size(self, *args, **kwargs):
+    def _detect_batch_size(self, requests=None, pos: int = 0):
+        """batch_size=auto: lm-eval probes 5 forwards at the largest batch per call, and this class calls
+        once per task. Within one call of `_by_task` (tasks with the longest inputs first) a batch size
+        found for inputs at least as long is reused: memory only grows with length. Not under data
+        parallelism, where every rank must probe as often as the others."""
+        length = len((requests[pos][1] + requests[pos][2])[-(self.max_length + 1):][:-1]) if requests else self.max_length
+        found = self._found_batch
+        if found is not None and found[0] >= length and self.world_size == 1:
+            return found[1]
         with self.routing.paused():
-            return super()._detect_batch_size(*args, **kwargs)
+            batch_size = super()._detect_batch_size(requests, pos)
+        if found is None or length > found[0]:
+            self._found_batch = (length, batch_size)
+        return batch_size
 
     def _loglikelihood_tokens(self, requests, *args, **kwargs):
         # Remember every request's model input so _model_call can tell real tokens from padding.
