@@ -385,6 +385,8 @@ def markdown(res: dict) -> str:
     lines += ["", f"alpha probe (mean k on workload (a)'s text): " + ", ".join(
         f"{s}: alpha {v['alpha']:.4g} (probe mean k {v['probe_mean_k']:.2f})" for s, v in res["alphas"].items()), ""]
     for s, fc in res.get("first_call", {}).items():
+        if fc["extra_s"] is None:
+            continue
         lines += [f"First {s} `simple_evaluate` of the process (a32; bhvar4 right after construction, "
                   f"bhvar4c next): {fc['first_s']:.2f} s against a warm median of {fc['warm_median_s']:.2f} s: "
                   f"**{fc['extra_s']:+.2f} s**.", ""]
@@ -473,7 +475,7 @@ def main(argv=None):
     tiny = args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    rounds = args.rounds or (1 if tiny else 3)
+    rounds = args.rounds if args.rounds is not None else (1 if tiny else 3)
     limit = args.limit if args.limit is not None else (4 if tiny else None)
     settings = [s for s in args.settings.split(",") if s]
     workloads = [w for w in args.workloads.split(",") if w]
@@ -542,8 +544,9 @@ def main(argv=None):
             res["env"]["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["first_call"] = {}
         for s, first in firsts.items():
-            warm = res["summary"]["table"]["a32"][s]["median"]
-            res["first_call"][s] = {"first_s": first["s"], "warm_median_s": warm, "extra_s": first["s"] - warm}
+            warm = res["summary"]["table"].get("a32", {}).get(s, {}).get("median")
+            res["first_call"][s] = {"first_s": first["s"], "warm_median_s": warm,
+                                    "extra_s": None if warm is None else first["s"] - warm}
 
         res["profile"] = {}
         for s in (args.profile or "").split(","):
@@ -563,6 +566,8 @@ def main(argv=None):
                 if sample is not None:
                     rep["device"] = device_profile(lm, sample)
                 res["profile"][f"{s} {w}"] = rep
+                if args.out_dir:
+                    (Path(args.out_dir) / "harness.json").write_text(json.dumps(res, indent=1, default=str))
                 log(f"profile {s} {w}: {json.dumps(rep['per_forward_ms'])}")
     finally:
         if tmp:

@@ -40,9 +40,9 @@ class BHRouting:
 
     def __init__(self, config: RoutingConfig | None = None, *, compile: bool | None = None, **settings):
         """`compile`: run the router through torch.compile on CUDA (default: off). Compiled, the router
-        launches a few fused kernels per layer instead of ~50 small ones, but the first forward of a
-        process (and of every new alpha) waits ~13 s for the compiler; through lm-eval both cost about
-        the same warm (bench/README.md), so compiling pays only for long runs."""
+        launches ~12 kernels per layer instead of ~50 small ones (faster warm, bench/README.md), but the
+        first forward of a process and of every new alpha waits ~17 s for the compiler: it pays only for
+        long runs."""
         self.config = config if config is not None else RoutingConfig(**settings)
         if config is not None and settings:
             raise TypeError("pass either a RoutingConfig or keyword settings, not both")
