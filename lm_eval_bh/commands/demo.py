@@ -18,7 +18,9 @@ committed results.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import os
 import shlex
 import subprocess
@@ -62,7 +64,8 @@ def lm_eval_command() -> tuple[list[str], dict]:
     if importlib.util.find_spec("_lm_eval_bh_hook") is not None:
         return [sys.executable, "-m", "lm_eval"], {}
     # source checkout: put the package and its start-up hook on the path, import the hook first
-    env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(PKG / "_startup"), os.environ.get("PYTHONPATH", "")])}
+    paths = [str(ROOT), str(PKG / "_startup"), os.environ.get("PYTHONPATH", "")]
+    env = {"PYTHONPATH": os.pathsep.join(p for p in paths if p)}
     code = "import _lm_eval_bh_hook, runpy; runpy.run_module('lm_eval', run_name='__main__', alter_sys=True)"
     return [sys.executable, "-c", code], env
 
@@ -155,9 +158,6 @@ def _sweep(model_dir, sweep_dir, tasks_dir, args, alphas, topk, max_k, limit) ->
     parser = argparse.ArgumentParser(prog="lm-eval-bh sweep")
     sweep.add_arguments(parser)
     print("demo: $ lm-eval-bh sweep " + shlex.join(argv), file=sys.stderr)
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()):  # the demo prints the full report itself
         sweep.run(parser.parse_args(argv))
 
