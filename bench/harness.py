@@ -26,7 +26,6 @@ Writes harness.json (device, versions, every figure) and harness.md. `--tiny` ru
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import math
