@@ -17,7 +17,7 @@ from .errors import RoutingError, UsageError
 PROG = "lm-eval-bh"
 
 SUBCOMMANDS = {
-    "demo": ("lm_eval_bh.commands.demo", "run a tiny end-to-end demo with the real lm_eval CLI (CPU, < 3 min)"),
+    "demo": ("lm_eval_bh.commands.demo", "top-k curve and BH on the embedded real-weight MoE (CPU, offline, a few minutes)"),
     "sweep": ("lm_eval_bh.commands.sweep", "evaluate a grid of routing settings, loading the model once (resumable)"),
     "report": ("lm_eval_bh.commands.report", "accuracy vs mean experts per token from lm-eval results files"),
     "calibrate": ("lm_eval_bh.commands.calibrate", "fit calibrated router p-values (pvalue=calibrated)"),
