@@ -281,3 +281,19 @@ def test_sweep_bad_input_is_one_line(tmp_path, extra, flag):
     assert p.returncode == 2, p.stderr[-2000:]
     lines = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr
+
+
+def test_identity_of_a_local_model_is_its_files(tmp_path):
+    """The same model files in another folder are the same model; one changed weight byte is not."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_model(), a)
+    shutil.copytree(a, b)
+    ident = lambda m, limit=3: S.evaluation_identity(str(m), {"dtype": "float32"}, ["t"], limit, None)  # noqa: E731
+    assert S.identity_diff(ident(a), ident(b)) == []
+    assert S.identity_diff(ident(a), ident(b, limit=4)) == ["limit: 3 -> 4"]
+    weights = next(b.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    assert [d.split(":")[0] for d in S.identity_diff(ident(a), ident(b))] == ["model.fingerprint", "model.pretrained"]
+    assert S.identity_diff(None, ident(a)) == ["no identity recorded (written by an older lm-eval-bh or another tool)"]

@@ -290,6 +290,9 @@ def identity_diff(old, new: dict) -> list[str]:
     if not isinstance(old, dict):
         return ["no identity recorded (written by an older lm-eval-bh or another tool)"]
     a, b = _flat(old), _flat(new)
+    if a.get("model.fingerprint") and a.get("model.fingerprint") == b.get("model.fingerprint"):
+        a.pop("model.pretrained", None)  # the same files, in another folder (or on another machine)
+        b.pop("model.pretrained", None)
     return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
