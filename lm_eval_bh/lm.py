@@ -29,9 +29,7 @@ from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_ar
 from .patch import BHRouting
 from .config import RoutingConfig, _as_bool
 
-__all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED"]
-
-
+__all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED", "routing_table"]
 
 # Arguments HFLM itself consumes (everything else goes on to from_pretrained and the model config).
 _HFLM_ARGS = {name for f in (HFLM.__init__, HFLM._create_model) for name in inspect.signature(f).parameters}

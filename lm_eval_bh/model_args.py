@@ -17,7 +17,7 @@ __all__ = ["DEFAULT_PRETRAINED", "ROUTING_ARGS", "LM_ARGS", "closest_lm_arg", "p
 
 DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
 
-# The fields of lm_eval_bh.routing.RoutingConfig (kept here so that reading them needs no torch;
+# The fields of lm_eval_bh.config.RoutingConfig (kept here so that reading them needs no torch;
 # tests/test_lm.py checks the two agree).
 ROUTING_ARGS = ("alpha", "min_k", "max_k", "temperature", "pvalue", "selection", "renormalize", "mode",
                 "calibration", "top_p")

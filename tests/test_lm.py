@@ -369,7 +369,7 @@ def test_model_args_constants_match_the_code_and_are_defined_once():
     import dataclasses
 
     from lm_eval_bh import model_args
-    from lm_eval_bh.routing import RoutingConfig
+    from lm_eval_bh.config import RoutingConfig
 
     assert model_args.ROUTING_ARGS == tuple(f.name for f in dataclasses.fields(RoutingConfig))
     package = REPO / "lm_eval_bh"
