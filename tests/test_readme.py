@@ -59,3 +59,21 @@ def test_torch_note_comes_before_the_first_install_command():
     """A copy-paste of the first command must not be the first a reader sees without a torch (pip would
     pull the multi-GB CUDA build): the CPU-build note comes first, inside the first command block."""
     assert README.index("```bash") < README.index("pip install torch") < README.index('pip install ".[test]"')
+
+
+def test_wheel_ships_the_startup_hook_and_the_offline_tasks(tmp_path):
+    """A regular install must register the models (the .pth hook) and let `lm-eval-bh demo` find the
+    offline task pack outside a checkout (lm_eval_bh/tasks inside the wheel)."""
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path), str(ROOT)],
+                   check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("lm_eval_bh-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"lm_eval_bh.pth", "_lm_eval_bh_hook.py", "lm_eval_bh/tasks/olmoe_paper_suite.yaml"} <= names
+    shipped = {n for n in names if n.startswith("lm_eval_bh/tasks/offline/")}
+    on_disk = {"lm_eval_bh/tasks/" + str(p.relative_to(ROOT / "tasks")) for p in (ROOT / "tasks" / "offline").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
+    assert on_disk and on_disk <= shipped
