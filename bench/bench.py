@@ -9,6 +9,8 @@ GPU and measures, after warm-up and with device synchronisation:
 - routing: time of `routing.route` on captured router logits against the whole forward;
 - dispatch: the experts call alone (one layer), every dispatch strategy against stock top-8 / top-4,
   plus a float32 reference check of every strategy;
+- kernel check: the fused Triton router against the reference `routing.route` on captured router
+  logits of every layer (selected experts, counts, p-values bit for bit; weights);
 
 for these settings (`+` adds a modifier):
 
@@ -19,7 +21,9 @@ for these settings (`+` adds a modifier):
   bhforced         bhvar with k forced per token uniformly over 1..7 (mean 4): `routing.route` is wrapped
                    (here only) to route with min_k = max_k, then keep the first k slots of each token
   +exact/+padded/+compact   force a dispatch strategy (default: dispatch's automatic choice)
-  +compiled        routing.route through torch.compile(dynamic=True) (the product's compile_router=true)
+  +torch           the reference router `routing.route`, eager (router_kernel=torch); the default is the
+                   fused Triton kernel on CUDA (router_kernel=auto, lm_eval_bh/routing_kernel.py)
+  +compiled        routing.route through torch.compile(dynamic=True) (router_kernel=compile)
   +nostats         BHRouting's per-layer statistics recording switched off (to price it)
 
 Writes bench.json (device, versions, shapes, every figure, ratios) and bench.md (Markdown tables) to
@@ -67,12 +71,12 @@ TINY = dict(
 
 BASE = ["stock8", "stock4", "bh8", "bh4", "bhvar", "bhforced"]
 PREFILL_SETTINGS = BASE + [
-    "bhforced+exact", "bhforced+padded", "bh8+nostats", "bh4+nostats", "bhvar+compiled", "bhforced+compiled",
-    "bhforced+compiled+exact", "bhforced+compiled+padded", "bhvar+compiled+nostats", "stock8",
+    "bhforced+exact", "bhforced+padded", "bh8+nostats", "bh4+nostats", "bhvar+torch", "bhvar+compiled",
+    "bhforced+compiled", "bhforced+compiled+exact", "bhforced+compiled+padded", "bhvar+nostats", "stock8",
 ]
 DECODE_SETTINGS = BASE + [
-    "bhforced+exact", "bhforced+compact", "bh8+nostats", "bh4+nostats", "bhvar+compiled", "bhforced+compiled",
-    "bhvar+compiled+nostats", "stock4",
+    "bhforced+exact", "bhforced+compact", "bh8+nostats", "bh4+nostats", "bhvar+torch", "bhvar+compiled",
+    "bhforced+compiled", "bhvar+nostats", "stock4",
 ]
 # Forced dispatch strategies (the product chooses by backend and size): replace dispatch.experts_forward.
 FORCED = {
@@ -194,14 +198,18 @@ class Bench:
     @contextlib.contextmanager
     def setting(self, spec: str):
         base, *mods = spec.split("+")
-        saved = (routing.route, BHRouting._record, dispatch.experts_forward)
+        fused = _fused_module()
+        saved = (routing.route, fused and fused.route, BHRouting._record, dispatch.experts_forward)
         gate_list = gates(self.model)
         top_ks = [g.top_k for g in gate_list]
+        kernel = "compile" if "compiled" in mods else "torch" if "torch" in mods else "auto"
         try:
             if "compiled" in mods:
                 routing.route = self.compiled_route()
-            if base == "bhforced":
+            if base == "bhforced":  # whichever router runs, it routes at min_k = max_k, then k is forced
                 routing.route = ForcedK(routing.route, self.top_k, self.device)
+                if fused is not None:
+                    fused.route = ForcedK(fused.route, self.top_k, self.device)
             if "nostats" in mods:
                 BHRouting._record = lambda *a, **kw: None
             for m in mods:
@@ -217,10 +225,12 @@ class Bench:
                     cfg = RoutingConfig(min_k=k, max_k=k)
                 else:
                     cfg = RoutingConfig(alpha=self.alpha, min_k=1, max_k=self.top_k)
-                with BHRouting(cfg).patch(self.model) as r:
+                with BHRouting(cfg, kernel=kernel).patch(self.model) as r:
                     yield r
         finally:
-            routing.route, BHRouting._record, dispatch.experts_forward = saved
+            routing.route, fused_route, BHRouting._record, dispatch.experts_forward = saved
+            if fused is not None:
+                fused.route = fused_route
             for g, k in zip(gate_list, top_ks):
                 g.top_k = k
 
@@ -258,6 +268,15 @@ class Bench:
             self.alpha = math.exp(hi)
         return {"alpha": self.alpha, "mean_k": mean_k(self.alpha), "target": target,
                 "mean_k_at": {str(a): mean_k(a) for a in (0.01, 0.05, 0.2, 0.5, 0.9)}}
+
+
+def _fused_module():
+    """lm_eval_bh.routing_kernel where Triton imports (the kernel itself runs only on CUDA), else None."""
+    try:
+        from lm_eval_bh import routing_kernel
+    except ImportError:
+        return None
+    return routing_kernel
 
 
 # --- measurements ------------------------------------------------------------------------------------
@@ -379,16 +398,47 @@ def run_routing(bench: Bench, logits_by_t: dict[int, torch.Tensor]) -> dict:
             "stock_softmax_topk_s": per_call(lambda: stock_select(lg, top_k), device, iters),
             "route_eager_s": per_call(lambda: routing.route(lg, cfg), device, iters),
         }
+        fused = _fused_module() if device.type == "cuda" else None
+        if fused is not None:
+            row["route_triton_s"] = per_call(lambda: fused.route(lg, cfg), device, iters)
         if bench.args.compile:
             fn = bench.compiled_route()
             row["route_compiled_s"] = per_call(lambda: fn(lg, cfg), device, iters)
         if device.type == "cuda":  # device time alone (no launch overhead): CUDA-graph replays
             row["stock_softmax_topk_gpu_s"] = graph_time(lambda: stock_select(lg, top_k))
             row["route_eager_gpu_s"] = graph_time(lambda: routing.route(lg, cfg))
+            if fused is not None:
+                row["route_triton_gpu_s"] = graph_time(lambda: fused.route(lg, cfg))
             if bench.args.compile:
                 row["route_compiled_gpu_s"] = graph_time(lambda: fn(lg, cfg))
         out[str(t)] = row
         log(f"routing T={t:6d} " + "  ".join(f"{k}={v * 1e6:8.1f}us" for k, v in row.items()))
+    return out
+
+
+def run_kernel_check(bench: Bench, logits: list[torch.Tensor]) -> dict:
+    """The fused Triton router against the reference `routing.route` on every layer's captured logits, at
+    the calibrated alpha and at 0.01, 0.05, 0.2: tokens whose selected experts or count differ, p-values
+    not bit-identical, the largest weight difference."""
+    fused = _fused_module()
+    if fused is None or bench.device.type != "cuda":
+        return {"skipped": "needs CUDA and triton"}
+    num_experts, top_k = logits[0].shape[-1], bench.top_k
+    out = {}
+    for alpha in (bench.alpha, 0.01, 0.05, 0.2):
+        cfg = RoutingConfig(alpha=alpha, min_k=1, max_k=top_k).resolve(num_experts, top_k, False)
+        rows = diff_rows = p_diff = 0
+        weight_diff = 0.0
+        for lg in logits:
+            a, b = fused.route(lg, cfg), routing.route(lg, cfg)
+            rows += lg.shape[0]
+            diff_rows += int(((a.index != b.index).any(-1) | (a.k != b.k) | (a.discoveries != b.discoveries)).sum())
+            p_diff += int((a.pvalues != b.pvalues).sum())
+            weight_diff = max(weight_diff, float((a.weight - b.weight).abs().max()))
+        out[f"{alpha:.4g}"] = {"token_layer_pairs": rows, "differing_selection": diff_rows,
+                               "pvalues_not_bit_identical": p_diff, "pvalues": rows * num_experts,
+                               "max_weight_abs_diff": weight_diff}
+        log(f"kernel check alpha={alpha:.4g}: {out[f'{alpha:.4g}']}")
     return out
 
 
@@ -578,10 +628,10 @@ def markdown(res: dict) -> str:
                     f" (k {v['mean_k']:.2f})" if v.get("mean_k") is not None and s.startswith("bhv") else ""))
             lines.append(f"| {phase} {key} ({unit}) | " + " | ".join(cells) + " |")
     lines.append("")
-    cols = ["bh8/stock8", "bh4/stock4", "bhvar/stock4", "bhvar/stock8", "bhforced/stock4", "bhforced/stock8",
-            "stock4/stock8"]
+    cols = ["bh8/stock8", "bh4/stock4", "bhvar/stock4", "bhvar+torch/stock4", "bhvar+compiled/stock4",
+            "bhvar/stock8", "bhforced/stock4", "stock4/stock8"]
     share = res.get("routing_share", {})
-    share_cols = ["route_eager", "route_eager_gpu", "route_compiled", "route_compiled_gpu"]
+    share_cols = ["route_triton", "route_triton_gpu", "route_eager", "route_eager_gpu", "route_compiled"]
     lines.append("| run | " + " | ".join(cols) + " | " + " | ".join(f"routing share: {c}" for c in share_cols) + " |")
     lines.append("|---|" + "---:|" * (len(cols) + len(share_cols)))
     fmt = lambda v: "" if v is None else f"{v:.3f}"  # noqa: E731
@@ -597,6 +647,16 @@ def markdown(res: dict) -> str:
         lines.append("|---|" + "---:|" * len(runs))
         for c in extra:
             lines.append(f"| {c} | " + " | ".join(fmt(res["ratios"][k].get(c)) for k in runs) + " |")
+        lines.append("")
+    check = res.get("kernel_check", {})
+    if check and "skipped" not in check:
+        lines.append("Fused Triton router against the reference `routing.route`, every layer's captured logits:")
+        lines.append("")
+        lines.append("| alpha | token-layer pairs | differing selection or count | p-values not bit-identical | max weight diff |")
+        lines.append("|---:|---:|---:|---:|---:|")
+        for alpha, row in check.items():
+            lines.append(f"| {alpha} | {row['token_layer_pairs']:,} | {row['differing_selection']} | "
+                         f"{row['pvalues_not_bit_identical']} of {row['pvalues']:,} | {row['max_weight_abs_diff']:.2g} |")
         lines.append("")
     launches = res.get("decode_launches", {})
     if launches:
@@ -668,7 +728,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the prefill settings")
     p.add_argument("--prefill-settings", default=None, help="comma list (default: all)")
     p.add_argument("--decode-settings", default=None, help="comma list (default: all)")
-    p.add_argument("--skip", default="", help="comma list of parts to skip: prefill,decode,routing,dispatch")
+    p.add_argument("--skip", default="", help="comma list of parts to skip: prefill,decode,routing,dispatch,check")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler table of one prefill forward "
                    "(stock4 and bhforced) to profile.txt in --out-dir")
     p.add_argument("--dispatch-t", default=None, help="extra token counts for the one-layer dispatch timings")
@@ -742,13 +802,15 @@ def main(argv=None):
         res["routing"] = run_routing(bench, logits_by_t)
     if "dispatch" not in skip:
         res["dispatch"] = run_dispatch(bench, dispatch_logits)
+    if "check" not in skip:
+        res["kernel_check"] = run_kernel_check(bench, captured)
     if args.profile and out_dir is not None:
         (out_dir / "profile.txt").write_text(profile(bench, args.shapes[min(1, len(args.shapes) - 1)]))
     if "decode" not in skip:
         res["decode"] = run_decode(bench, batches, settings_for(args.decode_settings, DECODE_SETTINGS))
     if args.profile and device.type == "cuda":
         res["decode_launches"] = decode_launches(bench, settings_for(None, [
-            "stock4", "stock8", "bh8", "bh8+nostats", "bhvar", "bhvar+compiled", "bhvar+compiled+nostats"]))
+            "stock4", "stock8", "bh8", "bh8+nostats", "bhvar", "bhvar+torch", "bhvar+compiled", "bhvar+nostats"]))
     res["ratios"] = ratios(res)
     res["routing_share"] = routing_share(res, num_layers)
     md = markdown(res)

@@ -11,8 +11,10 @@ tokenizer shipped in lm_eval_bh/assets so that lm-eval loads it by path, then:
 
    settings   hf8 (stock top-8), hf4 (stock top-4: every router's top_k = 4, as num_experts_per_tok=4 sets
               it), bh8 (olmoe_bh min_k = max_k = 8), bhvar4 / bhvar2 (olmoe_bh min_k = 1, max_k = 8, alpha
-              probed for a mean k of ~4 / ~2); a trailing "c" (bhvar4c): the router compiled
-              (compile_router=true; the default is eager). hf* share one loaded model, bh* another (`set_routing`).
+              probed for a mean k of ~4 / ~2); the router as the product runs it by default (router_kernel=auto:
+              the fused Triton kernel on CUDA); a trailing "e" (bhvar4e): the eager reference router
+              (router_kernel=torch), "c" (bhvar4c): the reference compiled (router_kernel=compile).
+              hf* share one loaded model, bh* another (`set_routing`).
    workloads  a32 / aauto: the offline multiple-choice pack (tasks/offline, bh_offline) at batch 32 / auto;
               b: rolling log-likelihood over long documents (bench/tasks, bh_bench_longdocs), 2048-token
               windows; c: generate_until, 32 new tokens, batch 32 (bench/tasks, bh_bench_generate);
@@ -79,7 +81,7 @@ WORKLOADS = {  # name: (task, batch size, limit per task (None: all))
     "b": ("bh_bench_longdocs", 8, None),
     "c": ("bh_bench_generate", 32, 64),
 }
-SETTINGS = ["hf8", "hf4", "bh8", "bhvar4", "bhvar4c", "bhvar2"]
+SETTINGS = ["hf8", "hf4", "bh8", "bhvar4", "bhvar4e", "bhvar4c", "bhvar2"]
 MAX_LENGTH = 2048
 
 
@@ -140,13 +142,13 @@ def apply_setting(name: str, lms: dict, alphas: dict, top_k: int):
             r.top_k = top_k if name == "hf8" else top_k // 2
         return lm
     lm = lms["bh"]
-    base = name.rstrip("c")  # a trailing "c": the same setting with compile_router=true (compiled router)
+    base = name.rstrip("ce")  # a trailing "c" / "e": the same setting, router compiled / eager reference
     wanted = (dict(min_k=top_k, max_k=top_k) if base == "bh8"
               else dict(alpha=alphas[base], min_k=1, max_k=top_k))
-    compile_router = True if name.endswith("c") else lms["compile_router"]
+    kernel = {"c": "compile", "e": "torch"}[name[-1]] if name != base else lms["router_kernel"]
     current = lm.routing_config
-    if any(getattr(current, k) != v for k, v in wanted.items()) or lm._compile_router != compile_router:
-        lm._compile_router = compile_router
+    if any(getattr(current, k) != v for k, v in wanted.items()) or lm._router_kernel != kernel:
+        lm._router_kernel = kernel
         lm.set_routing(**wanted)
     lm.routing.stats.reset()
     return lm
@@ -360,15 +362,18 @@ def summarise(res: dict) -> dict:
             if s.startswith("bh"):
                 ref = "hf8" if s.startswith("bh8") else "hf4"
                 ratios[w][f"{s}/{ref}"] = speed(s, ref)
-    # the compiled router against the eager one (the reference): same requests, same batches
+    # the default router (fused kernel on CUDA) and the compiled one against the eager reference (bhvar4e):
+    # same requests, same batches
     same = {}
-    for w in res["workloads"]:
-        pairs = [(r, q) for r in runs for q in runs if r["workload"] == q["workload"] == w
-                 and r["setting"] == "bhvar4" and q["setting"] == "bhvar4c" and r["round"] == q["round"]]
-        if pairs:
-            same[w] = {"k_histogram_equal": all(r.get("k_histogram") == q.get("k_histogram") for r, q in pairs),
-                       "metrics_equal": all(r["metric"] == q["metric"] for r, q in pairs), "runs": len(pairs)}
-    return {"table": table, "ratios": ratios, "compiled_vs_eager": same}
+    for other in ("bhvar4", "bhvar4c"):
+        for w in res["workloads"]:
+            pairs = [(r, q) for r in runs for q in runs if r["workload"] == q["workload"] == w
+                     and r["setting"] == "bhvar4e" and q["setting"] == other and r["round"] == q["round"]]
+            if pairs:
+                same.setdefault(other, {})[w] = {
+                    "k_histogram_equal": all(r.get("k_histogram") == q.get("k_histogram") for r, q in pairs),
+                    "metrics_equal": all(r["metric"] == q["metric"] for r, q in pairs), "runs": len(pairs)}
+    return {"table": table, "ratios": ratios, "vs_eager_reference": same}
 
 
 def markdown(res: dict) -> str:
@@ -387,7 +392,7 @@ def markdown(res: dict) -> str:
         if fc["extra_s"] is None:
             continue
         lines += [f"First {s} `simple_evaluate` of the process (a32; bhvar4 right after construction, "
-                  f"bhvar4c next): {fc['first_s']:.2f} s against a warm median of {fc['warm_median_s']:.2f} s: "
+                  f"then bhvar4e, bhvar4c): {fc['first_s']:.2f} s against a warm median of {fc['warm_median_s']:.2f} s: "
                   f"**{fc['extra_s']:+.2f} s**.", ""]
     names = {"a32": "(a) bh_offline, batch 32", "aauto": "(a) bh_offline, batch auto",
              "b": "(b) rolling log-likelihood, 2048-token windows", "c": "(c) generate_until, 32 new tokens, batch 32"}
@@ -409,9 +414,8 @@ def markdown(res: dict) -> str:
               "| workload | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for w, r in summ["ratios"].items():
         lines.append(f"| {names.get(w, w)} | " + " | ".join("" if r[k] is None else f"{r[k]:.3f}" for k in keys) + " |")
-    same = summ.get("compiled_vs_eager")
-    if same:
-        lines += ["", "Compiled router (bhvar4c) against the eager one (bhvar4), run for run: " + "; ".join(
+    for other, same in summ.get("vs_eager_reference", {}).items():
+        lines += ["", f"{other} against the eager reference router (bhvar4e), run for run: " + "; ".join(
             f"{w}: k histograms {'identical' if v['k_histogram_equal'] else 'DIFFERENT'}, metrics "
             f"{'identical' if v['metrics_equal'] else 'different'}" for w, v in same.items()) + "."]
     prof = res.get("profile")
@@ -460,7 +464,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all; --tiny: 4)")
     p.add_argument("--profile", default=None, help="comma list of settings to profile (one warm run each)")
     p.add_argument("--profile-workloads", default="a32", help="comma list of workloads to profile")
-    p.add_argument("--compile-router", default=None, help="olmoe_bh's compile_router (default: the product's)")
+    p.add_argument("--router-kernel", default=None, help="olmoe_bh's router_kernel (default: the product's)")
     p.add_argument("--render", default=None, metavar="HARNESS_JSON", help="only rewrite harness.md beside a "
                    "harness.json written earlier (also one cut short) and print it")
     args = p.parse_args(argv)
@@ -508,16 +512,16 @@ def main(argv=None):
         evaluate(hf, "a32", tm, limit=2)
 
         bh_args = f"{common},alpha={alphas['bhvar4']},min_k=1"
-        if args.compile_router is not None:
-            bh_args += f",compile_router={args.compile_router}"
+        if args.router_kernel is not None:
+            bh_args += f",router_kernel={args.router_kernel}"
         t0 = time.perf_counter()
         bh = get_model("olmoe_bh").create_from_arg_string(bh_args, extra)
         res["construction_s"]["olmoe_bh (variable k)"] = time.perf_counter() - t0
-        lms = {"hf": hf, "bh": bh, "compile_router": bh._compile_router}
+        lms = {"hf": hf, "bh": bh, "router_kernel": bh._router_kernel}
         log(f"olmoe_bh constructed in {res['construction_s']['olmoe_bh (variable k)']:.1f}s")
 
-        firsts = {}  # the first variable-k run of the process: eager (default), then compiled
-        for s in ("bhvar4", "bhvar4c"):
+        firsts = {}  # the first variable-k run of the process: the default router, then eager, then compiled
+        for s in ("bhvar4", "bhvar4e", "bhvar4c"):
             if s in settings and "a32" in workloads:
                 firsts[s] = evaluate(apply_setting(s, lms, alphas, top_k), "a32", tm, limit=limit)
                 log(f"first {s} run: {firsts[s]['s']:.2f}s")

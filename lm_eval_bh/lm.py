@@ -26,8 +26,8 @@ from .errors import RoutingError
 from .calibration import check_settings as check_calibration
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
-from .patch import BHRouting
-from .config import RoutingConfig, _as_bool
+from .patch import BHRouting, check_kernel
+from .config import RoutingConfig
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED", "routing_table"]
 
@@ -83,15 +83,16 @@ class MoEBHLM(HFLM):
         if pretrained is None:
             raise RoutingError("moe_bh needs pretrained=<hub id, local path or model>")
         self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
-        compile_router = kwargs.pop("compile_router", None)  # torch.compile the router on CUDA (default: no)
-        self._compile_router = None if compile_router is None else _as_bool("compile_router", compile_router)
+        # how the router runs (patch.ROUTER_KERNELS; compile_router=true is the older spelling of "compile")
+        self._router_kernel = check_kernel(kwargs.pop("router_kernel", None), kwargs.pop("compile_router", None),
+                                           self.routing_config)
         self._real_inputs: set[int] | None = None
         self._zero_tail = False
         self._found_batch: tuple[int, int] | None = None
         self._rank_totals: dict = {}
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         super().__init__(pretrained=pretrained, **kwargs)
-        self.routing = BHRouting(self.routing_config, compile=self._compile_router).patch(self.model)
+        self.routing = BHRouting(self.routing_config, kernel=self._router_kernel).patch(self.model)
         self._reported: dict | None = None  # the routing block of the last results (get_model_info)
         if self.rank == 0 and _run_by_lm_eval_cli():
             _print_at_exit(self)
@@ -120,9 +121,10 @@ class MoEBHLM(HFLM):
         """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
         config = RoutingConfig(**settings)
         config.resolve(*config_shape(self.model.config))  # a bad setting leaves the current routing in place
+        routing = BHRouting(config, kernel=self._router_kernel)
         self.routing.unpatch()
         self.routing_config = config
-        self.routing = BHRouting(config, compile=self._compile_router).patch(self.model)
+        self.routing = routing.patch(self.model)
         self._rank_totals = {}
 
     def set_cache_hook(self, cache_hook) -> None:

@@ -22,7 +22,7 @@ DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
 ROUTING_ARGS = ("alpha", "min_k", "max_k", "temperature", "pvalue", "selection", "renormalize", "mode",
                 "calibration", "top_p")
 # Everything the lm-eval model class takes out of model_args before the rest goes on to HFLM.
-LM_ARGS = ROUTING_ARGS + ("compile_router",)
+LM_ARGS = ROUTING_ARGS + ("router_kernel", "compile_router")
 
 
 def parse_model_args(model_args: str | dict | None) -> dict[str, Any]:

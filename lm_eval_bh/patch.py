@@ -30,7 +30,7 @@ from .config import RoutingConfig, _as_bool
 from .results_schema import RoutingBlock
 from .stats import RoutingStats
 
-__all__ = ["BHRouting"]
+__all__ = ["BHRouting", "ROUTER_KERNELS", "check_kernel"]
 
 _OWNER = "_lm_eval_bh_routing"
 
@@ -38,15 +38,18 @@ _OWNER = "_lm_eval_bh_routing"
 class BHRouting:
     """Adaptive (Benjamini-Hochberg) routing for one model, with exact statistics of experts per token."""
 
-    def __init__(self, config: RoutingConfig | None = None, *, compile: bool | None = None, **settings):
-        """`compile`: run the router through torch.compile on CUDA (default: off). Compiled, the router
-        launches ~12 kernels per layer instead of ~50 small ones (faster warm, bench/README.md), but the
-        first forward of a process and of every new alpha waits ~17 s for the compiler: it pays only for
-        long runs."""
+    def __init__(self, config: RoutingConfig | None = None, *, kernel: str | None = None,
+                 compile: bool | None = None, **settings):
+        """`kernel`: how the variable-k router runs (`ROUTER_KERNELS`): "auto" (default) is the fused Triton
+        kernel (lm_eval_bh/routing_kernel.py: one launch per layer) on CUDA where it supports the
+        settings, else the reference `routing.route`; "triton" insists on the kernel; "torch" is the
+        reference; "compile" runs the reference through torch.compile on CUDA (~17 s of compilation at the
+        first forward of a process and of each new alpha). `compile=True` is the older spelling of
+        kernel="compile"."""
         self.config = config if config is not None else RoutingConfig(**settings)
         if config is not None and settings:
             raise TypeError("pass either a RoutingConfig or keyword settings, not both")
-        self.compile = False if compile is None else _as_bool("compile_router", compile)
+        self.kernel = check_kernel(kernel, compile, self.config)
         self.model: torch.nn.Module | None = None
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
@@ -199,16 +202,20 @@ class BHRouting:
         return types.MethodType(forward, layer.router)
 
     def _route(self, logits: torch.Tensor, null, allowed=None) -> routing.Routed:
-        if not (self.compile and logits.is_cuda):
-            return routing.route(logits, self.config, null=null, allowed=allowed)
-        try:
-            return _compiled_route()(logits, self.config, null=null, allowed=allowed)
-        except (RoutingError, torch.cuda.OutOfMemoryError):  # OOM: lm-eval's batch-size search handles it
-            raise
-        except Exception as e:  # a torch.compile failure must not stop an evaluation
-            warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
-            self.compile = False
-            return routing.route(logits, self.config, null=null, allowed=allowed)
+        kernel = self.kernel
+        if kernel == "triton" or (kernel == "auto" and logits.is_cuda):
+            fused = _routing_kernel()
+            if fused is not None and fused.supports(self.config, logits, null, allowed):
+                return fused.route(logits, self.config)
+        if kernel == "compile" and logits.is_cuda:
+            try:
+                return _compiled_route()(logits, self.config, null=null, allowed=allowed)
+            except (RoutingError, torch.cuda.OutOfMemoryError):  # OOM: lm-eval's batch-size search handles it
+                raise
+            except Exception as e:  # a torch.compile failure must not stop an evaluation
+                warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
+                self.kernel = "torch"
+        return routing.route(logits, self.config, null=null, allowed=allowed)
 
     def _make_analyze_router(self, i: int, layer: MoELayer):
         def forward(router, hidden, *args, **kwargs):
@@ -341,6 +348,38 @@ def _compiled_route():
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
+
+
+ROUTER_KERNELS = ("auto", "triton", "torch", "compile")
+
+
+def check_kernel(kernel, compile_router, config: RoutingConfig) -> str:
+    """The router kernel to use (`router_kernel=`, or the older `compile_router=true`), checked against the
+    settings: "triton" needs Triton and settings the fused kernel computes (one line otherwise)."""
+    compiled = None if compile_router is None else _as_bool("compile_router", compile_router)
+    if kernel is None:
+        kernel = "compile" if compiled else "auto"
+    elif kernel not in ROUTER_KERNELS:
+        raise RoutingError(f"router_kernel must be one of {', '.join(ROUTER_KERNELS)}; got {kernel!r}")
+    elif compiled and kernel != "compile":
+        raise RoutingError(f"compile_router=true contradicts router_kernel={kernel}; pass router_kernel alone")
+    if kernel == "triton":
+        fused = _routing_kernel()
+        if fused is None:
+            raise RoutingError("router_kernel=triton needs the triton package (it comes with torch's CUDA wheels)")
+        if not fused.supports_config(config):
+            raise RoutingError(f"router_kernel=triton computes {fused.SUPPORTED}; got pvalue={config.pvalue}, "
+                               f"selection={config.selection} (use router_kernel=auto)")
+    return kernel
+
+
+def _routing_kernel():
+    """lm_eval_bh.routing_kernel, or None where Triton cannot be imported."""
+    try:
+        from . import routing_kernel
+    except ImportError:
+        return None
+    return routing_kernel
 
 
 def _router_device(model: torch.nn.Module, layer: MoELayer) -> torch.device:

@@ -88,9 +88,10 @@ def test_fixed_k_leaves_the_experts_backend_alone():
         assert model.config._experts_implementation == stock
 
 
-def test_router_is_eager_unless_compile_is_asked_for():
-    assert BHRouting().compile is False
-    assert BHRouting(compile=True).compile is True
+def test_router_kernel_default_and_compile_spelling():
+    assert BHRouting().kernel == "auto"  # fused on CUDA where supported, the reference elsewhere: never compiled
+    assert BHRouting(compile=True).kernel == "compile"
+    assert BHRouting(kernel="torch", compile=False).kernel == "torch"
 
 
 def test_harness_tiny_end_to_end(tmp_path):

@@ -1,0 +1,227 @@
+"""The default router (z-score p-values, Benjamini-Hochberg) as one Triton kernel launch per layer.
+
+`routing.route` is the reference: about 50 small torch kernels per layer, which is what bounds a
+launch-bound forward (decoding, one long sequence, lm-eval's short batches). This kernel does the
+same work for one token per program, with no sort and no host synchronisation: each expert's rank
+(descending logit, ties by the lower index: `sort(descending=True, stable=True)`) is a count of pairwise
+comparisons; the median and quartiles are read at their ranks; the p-values, the BH count and the
+selection follow in registers; the outputs are `routing.Routed`'s.
+
+Exactness: the arithmetic is the reference's, operation by operation, in float32 with correctly rounded
+division and square root, no fused multiply-add, and CUDA's own `erfc`/`log1p` (libdevice: the
+functions torch's CUDA kernels call). On a GPU the p-values, hence the BH counts and the selected
+experts, are then expected to equal the reference's bit for bit (bench/bench.py checks it on the
+device); only the softmax weights may differ in the last bit (another summation order). Under Triton's
+CPU interpreter (the tests) libdevice is missing: `erfc` is then Numerical Recipes' erfcc (relative
+error < 1.2e-7) and log1p the compensated log(1 + u), so there the p-values agree to ~1e-6.
+
+Supported: pvalue=zscore with selection=bh, no `allowed` mask, at most 1024 experts; `supports` says
+so, and the patch routes everything else through `routing.route`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+from .routing import _IQR_TO_SIGMA, _NU_C, _NU_D, _SQRT1_2, NONFINITE_LOGIT, Routed, _bh_factor
+
+__all__ = ["SUPPORTED", "supports", "supports_config", "route"]
+
+MAX_EXPERTS = 1024
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+SUPPORTED = "pvalue=zscore with selection=bh"
+
+
+def supports_config(cfg) -> bool:
+    """Whether the kernel computes these settings (see SUPPORTED)."""
+    return cfg.pvalue == "zscore" and cfg.selection == "bh"
+
+
+def supports(cfg, logits: torch.Tensor, null=None, allowed: torch.Tensor | None = None) -> bool:
+    """Whether this kernel computes `routing.route(logits, cfg, null, allowed)` (else use that)."""
+    return (
+        supports_config(cfg)
+        and allowed is None
+        and logits.dim() == 2
+        and 0 < logits.shape[-1] <= MAX_EXPERTS
+        and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and (logits.is_cuda or _interpreted())
+    )
+
+
+NEG: tl.constexpr = tl.constexpr(NONFINITE_LOGIT)
+
+@triton.jit
+def _erfc(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        from triton.language.extra import libdevice
+
+        return libdevice.erfc(x)
+    else:  # Numerical Recipes' erfcc (interpreter only)
+        z = tl.abs(x)
+        t = 1.0 / (1.0 + 0.5 * z)
+        poly = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+            -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+                -0.82215223 + t * 0.17087277))))))))
+        r = t * tl.exp(-z * z + poly)
+        return tl.where(x >= 0, r, 2.0 - r)
+
+@triton.jit
+def _log1p(u, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        from triton.language.extra import libdevice
+
+        return libdevice.log1p(u)
+    else:  # log(1 + u) * u / ((1 + u) - 1), exact to rounding (interpreter only)
+        v = 1.0 + u
+        return tl.where(v == 1.0, u, tl.where(v == float("inf"), v, tl.log(v) * (u / (v - 1.0))))
+
+@triton.jit
+def _clean(raw):
+    bad = (raw != raw) | (tl.abs(raw) == float("inf"))
+    return tl.where(bad, NEG, raw), bad
+
+@triton.jit
+def _at_rank(x, rank, r):
+    # the one lane whose rank is r (adding zeros is exact)
+    return tl.sum(tl.where(rank == r, x, 0.0), axis=0)
+
+@triton.jit
+def _quantile(x, rank, last, q: tl.constexpr):
+    # routing._quantiles_desc: linear interpolation at position (1 - q) * last of the descending order
+    pos = (1.0 - q) * last
+    lo = tl.floor(pos)
+    frac = pos - lo
+    hi = tl.minimum(lo + 1.0, last)
+    a = _at_rank(x, rank, lo.to(tl.int32))
+    b = _at_rank(x, rank, hi.to(tl.int32))
+    return a * (1.0 - frac) + b * frac
+
+@triton.jit(do_not_specialize=["stride_x", "min_k", "max_k", "dead_k"])  # one compilation per expert count
+def route_kernel(
+    x_ptr, stride_x, factor_ptr,
+    index_ptr, weight_ptr, k_ptr, found_ptr, nonfinite_ptr, p_ptr,
+    alpha, min_k, max_k, dead_k,
+    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr,
+    RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_E)
+    real = j < E
+    x, bad = _clean(tl.load(x_ptr + row * stride_x + j, mask=real, other=0.0).to(tl.float32))
+    x = tl.where(real, x, NEG)  # padding lanes sort after every real expert (higher index on ties)
+    nonfinite = tl.max((bad & real).to(tl.int32), axis=0)
+
+    # rank_j = #{i before j in sort(descending=True, stable=True)}
+    rank = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in tl.static_range(0, BLOCK_E, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        xi, _ = _clean(tl.load(x_ptr + row * stride_x + i, mask=i < E, other=0.0).to(tl.float32))
+        xi = tl.where(i < E, xi, NEG)
+        before = (xi[:, None] > x[None, :]) | ((xi[:, None] == x[None, :]) & (i[:, None] < j[None, :]))
+        rank += tl.sum(before.to(tl.int32), axis=0)
+
+    # z-score p-values (routing._zscore_pvalues)
+    finite = x > NEG
+    n = tl.sum(finite.to(tl.float32), axis=0)
+    last = tl.maximum(n - 1.0, 0.0)
+    median = _quantile(x, rank, last, 0.5)
+    q75 = _quantile(x, rank, last, 0.75)
+    q25 = _quantile(x, rank, last, 0.25)
+    scale = tl.maximum((q75 - q25) * 0.7413011092528009, 1.1754943508222875e-38)
+    z = tl.math.div_rn(x - median, scale)
+    z = tl.where(finite, z, -float("inf"))
+    # degrees of freedom (routing._zscore_nu)
+    r = n - 4.0 * tl.floor(n * 0.25)
+    c = tl.where(r == 0.0, 1.41, tl.where(r == 1.0, 0.93, tl.where(r == 2.0, 1.29, 1.61)))
+    d = tl.where(r == 0.0, -1.09, tl.where(r == 1.0, 5.03, tl.where(r == 2.0, 2.96, 1.60)))
+    nu = tl.maximum(0.37 * n + c - tl.math.div_rn(d, tl.maximum(n, 1.0)), 1.0)
+    # Hill's Student-t tail (routing._student_t_sf)
+    a = nu - 0.5
+    b = 48.0 * a * a
+    w = tl.minimum(tl.math.sqrt_rn(a * _log1p(tl.math.div_rn(z * z, nu), LIBDEVICE)), 40.0)
+    w2 = w * w
+    inner = ((4.0 * w2 + 33.0) * w2 + 240.0) * w2 + 855.0
+    den = 10.0 * b * (b + 0.8 * w2 * w2 + 100.0)
+    w = w + tl.math.div_rn(w * (w2 + 3.0), b) - tl.math.div_rn(w * inner, den)
+    w = tl.where(z < 0.0, -w, w)
+    p = 0.5 * _erfc(w * 0.7071067811865476, LIBDEVICE)
+
+    # Benjamini-Hochberg count (routing._bh_count_p): the largest rank i with p_(i) * (m / i) <= alpha
+    factor = tl.load(factor_ptr + rank, mask=real, other=1.0)
+    passed = (p * factor <= alpha) & real
+    found = tl.max(tl.where(passed, rank + 1, 0), axis=0)
+    dead = tl.max(x, axis=0) == NEG  # no finite logit
+    k = tl.where(dead, dead_k, tl.minimum(tl.maximum(found, min_k), max_k))
+
+    # weights: the router's softmax probabilities of the selected experts (routing.route)
+    valid = rank < k
+    e = tl.where(real, tl.exp(x - tl.max(x, axis=0)), 0.0)
+    prob = tl.math.div_rn(e, tl.sum(e, axis=0))
+    weight = tl.where(valid, prob, 0.0)
+    uniform = valid.to(tl.float32) / k.to(tl.float32)
+    if RENORMALIZE:
+        total = tl.sum(weight, axis=0)
+        weight = tl.where(total > 0.0, tl.math.div_rn(weight, tl.maximum(total, 1.1754943508222875e-38)), uniform)
+    weight = tl.where(dead, valid.to(tl.float32) / dead_k, weight)
+
+    slot = rank < max_k
+    tl.store(index_ptr + row * max_k + rank, tl.where(valid, j, E).to(tl.int64), mask=slot)
+    tl.store(weight_ptr + row * max_k + rank, weight, mask=slot)
+    tl.store(p_ptr + row * E + rank, p, mask=real)
+    tl.store(k_ptr + row, k.to(tl.int64))
+    tl.store(found_ptr + row, found.to(tl.int64))
+    tl.store(nonfinite_ptr + row, nonfinite.to(tl.int8))
+
+
+
+_FACTORS: dict = {}
+
+
+def _factor(m: int, device: torch.device) -> torch.Tensor:
+    key = (m, device)
+    if key not in _FACTORS:
+        _FACTORS[key] = _bh_factor(m, torch.float32, device).contiguous()
+    return _FACTORS[key]
+
+
+def route(logits: torch.Tensor, cfg) -> Routed:
+    """`routing.route(logits, cfg)` for a config and input that `supports` accepts, in one launch."""
+    tokens, num_experts = logits.shape
+    max_k = cfg.max_k
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    device = x.device
+    index = torch.empty(tokens, max_k, dtype=torch.long, device=device)
+    weight = torch.empty(tokens, max_k, dtype=torch.float32, device=device)
+    k = torch.empty(tokens, dtype=torch.long, device=device)
+    found = torch.empty(tokens, dtype=torch.long, device=device)
+    nonfinite = torch.empty(tokens, dtype=torch.int8, device=device)
+    p = torch.empty(tokens, num_experts, dtype=torch.float32, device=device)
+    if tokens:
+        block_e = triton.next_power_of_2(num_experts)
+        args = (x, x.stride(0), _factor(num_experts, device), index, weight, k, found, nonfinite, p,
+                float(cfg.alpha), int(cfg.min_k), int(max_k), int(cfg.max_k if cfg.fixed_k else cfg.min_k))
+        meta = dict(E=num_experts, BLOCK_E=block_e, BLOCK_I=max(1, min(block_e, 4096 // block_e)),
+                    RENORMALIZE=bool(cfg.renormalize), LIBDEVICE=not _interpreted(),
+                    num_warps=4 if block_e <= 128 else 8, enable_fp_fusion=False)
+        if device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):  # a model spread over GPUs: launch on the logits' one
+                route_kernel[(tokens,)](*args, **meta)
+        else:
+            route_kernel[(tokens,)](*args, **meta)
+    return Routed(index, weight, k, nonfinite.view(torch.bool), found, p)
+
+
+assert abs(_IQR_TO_SIGMA - 0.7413011092528009) < 1e-15 and abs(_SQRT1_2 - 0.7071067811865476) < 1e-15
+assert _NU_C == (1.41, 0.93, 1.29, 1.61) and _NU_D == (-1.09, 5.03, 2.96, 1.60) and math.isclose(NONFINITE_LOGIT, -1e30)

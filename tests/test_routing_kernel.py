@@ -1,0 +1,132 @@
+"""The fused Triton router (lm_eval_bh/routing_kernel.py) against the reference `routing.route`.
+
+On a CPU machine the kernel runs under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py
+before anything imports triton): the same kernel code, with a portable erfc/log1p in place of CUDA's, so
+p-values agree to ~1e-6 here and everything else (ranks, quartiles, BH counts, selection, padding,
+weights, non-finite rows) exactly. bench/bench.py checks bit-equality on the GPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("triton")  # .ci/run installs it; torch's CUDA wheels bring it
+from lm_eval_bh import routing, routing_kernel  # noqa: E402
+from lm_eval_bh.config import RoutingConfig  # noqa: E402
+from lm_eval_bh.errors import RoutingError  # noqa: E402
+from lm_eval_bh.patch import BHRouting, check_kernel  # noqa: E402
+
+from conftest import make_olmoe  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_interpreter():
+    with warnings.catch_warnings():  # numpy warns about masked-out lanes (e.g. 0/0 in a discarded branch)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _logits(tokens: int, experts: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, experts, generator=g)
+    x[: tokens // 3, : max(1, experts // 8)] += 6.0  # a few experts that stand out
+    x[tokens // 3: tokens // 2] = x[tokens // 3: tokens // 2].round()  # ties
+    return x
+
+
+def _edge_rows(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    x[0, 1] = float("nan")
+    x[1, :] = float("-inf")  # no finite logit
+    x[2, 0] = float("inf")
+    x[3, :] = 1.5  # all equal
+    x[4, :-1] = float("nan")  # one finite logit
+    return x
+
+
+def _assert_same(got: routing.Routed, want: routing.Routed) -> None:
+    assert torch.equal(got.index, want.index)
+    assert torch.equal(got.k, want.k)
+    assert torch.equal(got.discoveries, want.discoveries)
+    assert torch.equal(got.nonfinite, want.nonfinite)
+    torch.testing.assert_close(got.weight, want.weight, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(got.pvalues, want.pvalues, rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize(
+    "experts, settings",
+    [
+        (64, dict(alpha=0.05, min_k=1, max_k=8)),  # OLMoE's shape
+        (16, dict(alpha=0.3, min_k=1, max_k=4, renormalize=True)),
+        (60, dict(alpha=0.5, min_k=2, max_k=6)),  # not a power of two
+        (2, dict(alpha=0.2, min_k=1, max_k=2)),
+        (7, dict(alpha=0.9, min_k=3, max_k=3)),  # fixed k: a dead row gets max_k
+        (160, dict(alpha=0.1, min_k=1, max_k=8)),  # the rank loop runs over several blocks
+    ],
+)
+def test_kernel_equals_reference(experts, settings):
+    cfg = RoutingConfig(**settings).resolve(experts, settings["max_k"], False)
+    x = _edge_rows(_logits(24, experts, seed=experts)).to(DEVICE)
+    assert routing_kernel.supports(cfg, x)
+    _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
+
+
+def test_kernel_reads_half_precision_and_strided_logits():
+    cfg = RoutingConfig(alpha=0.1, min_k=1, max_k=8).resolve(64, 8, False)
+    wide = _logits(16, 128, seed=3).to(DEVICE)
+    x = wide[:, ::2]  # non-contiguous rows
+    _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
+    half = _logits(16, 64, seed=4).to(DEVICE, torch.bfloat16)
+    _assert_same(routing_kernel.route(half, cfg), routing.route(half, cfg))
+
+
+def test_kernel_is_scale_invariant():
+    cfg = RoutingConfig(alpha=0.2, min_k=1, max_k=8).resolve(64, 8, False)
+    x = _logits(16, 64, seed=5).to(DEVICE)
+    a, b = routing_kernel.route(x, cfg), routing_kernel.route(x * 1e-5, cfg)
+    assert torch.equal(a.index, b.index) and torch.equal(a.k, b.k)
+
+
+def test_kernel_with_no_tokens():
+    cfg = RoutingConfig(alpha=0.1).resolve(16, 4, False)
+    out = routing_kernel.route(torch.empty(0, 16, device=DEVICE), cfg)
+    assert out.index.shape == (0, 4) and out.pvalues.shape == (0, 16)
+
+
+def test_supports_only_what_it_computes():
+    x = torch.zeros(4, 16, device=DEVICE)
+    assert not routing_kernel.supports(RoutingConfig(selection="hc").resolve(16, 4, False), x)
+    assert not routing_kernel.supports(RoutingConfig(pvalue="softmax").resolve(16, 4, False), x)
+    cfg = RoutingConfig().resolve(16, 4, False)
+    assert not routing_kernel.supports(cfg, x, allowed=torch.ones(4, 16, dtype=torch.bool, device=DEVICE))
+    assert routing_kernel.supports(cfg, x)
+
+
+def test_patched_model_with_the_kernel_matches_the_reference():
+    model = make_olmoe().to(DEVICE)
+    ids = torch.randint(2, 256, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    out, summaries = {}, {}
+    for kernel in ("torch", "triton"):
+        with BHRouting(alpha=0.2, min_k=1, max_k=8, kernel=kernel).patch(model) as r:
+            out[kernel] = model(ids).logits
+            summaries[kernel] = r.summary()
+    torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
+    for key in ("mean_experts_per_token", "per_layer_mean", "k_histogram", "tokens"):
+        assert summaries["triton"][key] == summaries["torch"][key], key
+    assert summaries["triton"]["diagnostics"]["per_layer"] == pytest.approx(summaries["torch"]["diagnostics"]["per_layer"])
+
+
+def test_router_kernel_argument_errors():
+    cfg = RoutingConfig()
+    assert check_kernel(None, None, cfg) == "auto" and check_kernel(None, "true", cfg) == "compile"
+    with pytest.raises(RoutingError, match="router_kernel must be one of auto, triton, torch, compile; got 'fast'"):
+        check_kernel("fast", None, cfg)
+    with pytest.raises(RoutingError, match="contradicts"):
+        check_kernel("triton", True, cfg)
+    with pytest.raises(RoutingError, match="router_kernel=triton computes pvalue=zscore with selection=bh"):
+        check_kernel("triton", None, RoutingConfig(selection="hc"))
