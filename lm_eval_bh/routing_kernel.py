@@ -65,8 +65,6 @@ NEG: tl.constexpr = tl.constexpr(NONFINITE_LOGIT)
 @triton.jit
 def _erfc(x, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
-        from triton.language.extra import libdevice
-
         return libdevice.erfc(x)
     else:  # Numerical Recipes' erfcc (interpreter only)
         z = tl.abs(x)
@@ -80,8 +78,6 @@ def _erfc(x, LIBDEVICE: tl.constexpr):
 @triton.jit
 def _log1p(u, LIBDEVICE: tl.constexpr):
     if LIBDEVICE:
-        from triton.language.extra import libdevice
-
         return libdevice.log1p(u)
     else:  # log(1 + u) * u / ((1 + u) - 1), exact to rounding (interpreter only)
         v = 1.0 + u
