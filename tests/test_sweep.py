@@ -48,11 +48,16 @@ def _leftovers(out: Path) -> list[str]:
     return sorted(f.name for f in out.iterdir() if not (f.name.endswith(".json") or f.name.endswith(".samples.jsonl")))
 
 
-def test_sweep_resume_after_kill(tmp_path):
-    model = tiny_model()
-    out = tmp_path / "sweep"
-    cmd = _sweep_cmd(model, out, "--alphas", "0.01,0.05,0.2,0.5", "--topk", "1,2,4")
-    expected = {"topk1", "topk2", "topk4"} | {f"bh-zscore_a{a}_k1-4" for a in ("0.01", "0.05", "0.2", "0.5")}
+RESUME_GRID = ("--alphas", "0.01,0.05,0.2,0.5", "--topk", "1,2,4")
+RESUME_IDS = {"topk1", "topk2", "topk4"} | {f"bh-zscore_a{a}_k1-4" for a in ("0.01", "0.05", "0.2", "0.5")}
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """A sweep killed after its first results file, then restarted: (folder, {first files: mtime},
+    the restart's CompletedProcess). Shared by the tests that read or extend a finished sweep."""
+    out = tmp_path_factory.mktemp("resumed") / "sweep"
+    cmd = _sweep_cmd(tiny_model(), out, *RESUME_GRID)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     deadline = time.time() + 150
@@ -67,13 +72,19 @@ def test_sweep_resume_after_kill(tmp_path):
         proc.wait(timeout=30)
         proc.stderr.close()
     first = {p.stem: p.stat().st_mtime_ns for p in out.glob("*.json")}
-    assert first and set(first) <= expected
-    # restart: finishes the rest, skips what is done, leaves no temp or lock files
-    p = _run(cmd)
+    return out, first, _run(cmd)  # restart: finishes the rest
+
+
+def test_sweep_resume_after_kill(resumed):
+    out, first, p = resumed
+    assert first and set(first) <= RESUME_IDS
+    # the restart finishes the rest, skips what is done, leaves no temp or lock files
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"{len(first)} already done" in p.stderr
+    # lm-eval's custom-dataset warning: once per task, not once per setting
+    assert all(p.stderr.count(f"{t}: Custom kwargs can be passed to `--metadata`") == 1 for t in TASKS.split(","))
     files = sorted(out.glob("*.json"))
-    assert {f.stem for f in files} == expected
+    assert {f.stem for f in files} == RESUME_IDS
     assert _leftovers(out) == []  # no .tmp, no .lock
     for sid, mtime in first.items():
         assert (out / f"{sid}.json").stat().st_mtime_ns == mtime  # not recomputed
@@ -98,44 +109,42 @@ def test_sweep_resume_after_kill(tmp_path):
             (t, i) for t in TASKS.split(",") for i in range(3))
         assert all("acc" in s and "doc" not in s for s in samples)
     # a third run has nothing to do and reports the table, with paired standard errors
-    p = _run(cmd, timeout=120)
+    done = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    p = _run(_sweep_cmd(tiny_model(), out, *RESUME_GRID), timeout=120)
     assert p.returncode == 0 and "0 to run" in p.stderr and "bh/zscore alpha=0.05 k=1..4" in p.stdout
     assert "se: paired" in p.stdout and "(unpaired)" not in p.stdout
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == done
 
 
-def test_resume_identity_full_disk_and_overwrite(tmp_path):
+def test_resume_identity_full_disk_and_overwrite(resumed, tmp_path):
     """Another --limit into the same folder is a one-line error naming what differs; a full disk is a
     one-line error naming the file, and leaves no partial results; --overwrite re-runs; the final table
     shows the grid asked for, not other files of the folder."""
     model = tiny_model()
     out = tmp_path / "sweep"
-    base = ("--selections", "topk")
-    p = _run(_sweep_cmd(model, out, *base, "--topk", "1,2", tasks="mmlu_dev_offline", limit="2"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    # lm-eval's custom-dataset warning: once per task, not once per setting
-    assert p.stderr.count("Custom kwargs can be passed to `--metadata`") == 1
+    shutil.copytree(resumed[0], out)  # limit 3
+    base = ("--selections", "topk", "--topk", "1")
     old = (out / "topk1.json").read_bytes()
-
-    p = _run(_sweep_cmd(model, out, *base, "--topk", "1", tasks="mmlu_dev_offline", limit="3"))
+    p = _run(_sweep_cmd(model, out, *base, limit="2"))
     errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
-    assert "topk1.json" in errors[0] and "limit: 2 -> 3" in errors[0] and "--overwrite" in errors[0]
+    assert "topk1.json" in errors[0] and "limit: 3 -> 2" in errors[0] and "--overwrite" in errors[0]
 
     # a full disk (file size limit: the first file written fails), with --overwrite
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)); "
             "from lm_eval_bh.cli import main; sys.exit(main(sys.argv[1:]))")
-    cmd = _sweep_cmd(model, out, *base, "--topk", "1", "--overwrite", tasks="mmlu_dev_offline", limit="3")
+    cmd = _sweep_cmd(model, out, *base, "--overwrite", limit="2")
     p = _run([sys.executable, "-c", code, *cmd[3:]])
     errors = [ln for ln in p.stderr.splitlines() if "error" in ln]
     assert p.returncode == 2 and len(errors) == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert "cannot write" in errors[0] and str(out / "topk1.") in errors[0]
     assert (out / "topk1.json").read_bytes() == old and _leftovers(out) == []
 
-    p = _run(_sweep_cmd(model, out, *base, "--topk", "1", "--overwrite", tasks="mmlu_dev_offline", limit="3"))
+    p = _run(_sweep_cmd(model, out, *base, "--overwrite", limit="2"))
     assert p.returncode == 0, p.stderr[-3000:]
-    assert json.loads((out / "topk1.json").read_text())["sweep"]["identity"]["limit"] == 3
-    assert "olmoe_bh top-1" in p.stdout and "top-2" not in p.stdout  # topk2.json (limit 2) is not in this grid
+    assert json.loads((out / "topk1.json").read_text())["sweep"]["identity"]["limit"] == 2
+    assert "olmoe_bh top-1" in p.stdout and "top-2" not in p.stdout  # topk2.json (limit 3) is not in this grid
     # report on the whole folder: two evaluations, never mixed
     r = _run([sys.executable, "-m", "lm_eval_bh.cli", "report", str(out)], timeout=120)
     assert r.returncode == 0 and "2 different evaluations" in r.stderr and "limit=2" in r.stdout and "limit=3" in r.stdout
@@ -265,6 +274,19 @@ def test_analyze_mode_grid_has_no_fixed_baselines():
         S.build_grid(_args(topk="1,2"), top_k=4, num_experts=16, base_routing={"mode": "analyze"})
 
 
+@pytest.fixture
+def lm_eval_logging():
+    """Restore the lm-eval loggers that an in-process sweep quiets."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "lm_eval.api.task")]
+    saved = [(lg.level, list(lg.filters)) for lg in loggers]
+    yield
+    for lg, (level, filters) in zip(loggers, saved):
+        lg.setLevel(level)
+        lg.filters[:] = filters
+
+
 @pytest.mark.parametrize("extra, flag", [
     (["--alphas", "0.05,1.5"], "--alphas"),
     (["--pvalues", "bogus"], "--pvalues"),
@@ -273,14 +295,19 @@ def test_analyze_mode_grid_has_no_fixed_baselines():
     (["--topk", "0"], "--topk"),
     (["--model_args", "alpha=0.1"], "--model_args"),
     (["--model_args", "calibration=x.json"], "--calibration"),
+    (["--tasks", "mmlu_dev_offline,no_such_task"], "--tasks: unknown task(s) no_such_task"),
 ])
-def test_sweep_bad_input_is_one_line(tmp_path, extra, flag):
-    model = tiny_model()
-    cmd = _sweep_cmd(model, tmp_path / "o") + extra
-    p = _run(cmd, timeout=120)
-    assert p.returncode == 2, p.stderr[-2000:]
-    lines = [ln for ln in p.stderr.splitlines() if "error" in ln]
-    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in p.stderr
+def test_sweep_bad_input_is_one_line(tmp_path, capsys, lm_eval_logging, extra, flag):
+    """Through the command's entry point, in this process (the subprocess path of the same one-line
+    errors: test_resume_identity_full_disk_and_overwrite); nothing is written."""
+    from lm_eval_bh.cli import main
+
+    rc = main(_sweep_cmd(tiny_model(), tmp_path / "o")[3:] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2, err[-2000:]
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert len(lines) == 1 and flag in lines[0] and lines[0].startswith("lm-eval-bh sweep: error: ")
+    assert not (tmp_path / "o").exists()
 
 
 def test_identity_of_a_local_model_is_its_files(tmp_path):

@@ -441,22 +441,24 @@ class Plan:
     model_name: str = "moe_bh"
     grid: list = field(default_factory=list)
     identities: dict = field(default_factory=dict)
+    task_manager: object = None  # lm-eval's, built by check_tasks
 
 
 def run(args) -> int:
     plan = read_flags(args)
     quiet_lm_eval(args.verbose)
-    task_manager = check_tasks(plan, args.include_path)
-    lm = plan_grid(plan, args)  # before any weights load where the model's config is readable
-    make_folder(plan.out)
+    lm = plan_grid(plan, args)  # the grid checked against the model's config, before any weights load
     todo = check_existing(plan.out, plan.grid, plan.identities, args.overwrite)
+    if todo:  # lm-eval's task index takes seconds to build: only when there is something to evaluate
+        check_tasks(plan, args.include_path)
+    make_folder(plan.out)
     print(f"sweep: {len(plan.grid)} settings, {len(plan.grid) - len(todo)} already done, {len(todo)} to run "
           f"-> {plan.out}", file=sys.stderr)
 
     def evaluate(sid, routing):
         nonlocal lm
         lm = lm or _load_model(plan.model_name, plan, args.device)
-        evaluate_setting(lm, plan, task_manager, sid, routing, args.device)
+        evaluate_setting(lm, plan, plan.task_manager, sid, routing, args.device)
 
     ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
     print(f"sweep: {len(ran)} setting(s) run here, {len(elsewhere)} by another sweep on this folder", file=sys.stderr)
@@ -508,7 +510,8 @@ def plan_grid(plan: Plan, args):
 
     lm = None
     config = read_model_config(plan.pretrained, plan.model_args.get("revision"))
-    if config is None:  # config not readable on its own: load the model to learn its shape
+    if config is None:  # config not readable on its own: load the model to learn its shape (tasks first)
+        check_tasks(plan, args.include_path)
         lm = _load_model("moe_bh", plan, args.device)
         config = lm.model.config
     num_experts, top_k, _ = config_shape(config, source=plan.pretrained)
@@ -519,16 +522,18 @@ def plan_grid(plan: Plan, args):
     return lm
 
 
-def check_tasks(plan: Plan, include_path):
-    """lm-eval's TaskManager, after checking every task name (before any weights load)."""
+def check_tasks(plan: Plan, include_path) -> None:
+    """plan.task_manager: lm-eval's TaskManager, after checking every task name (before any weights load)."""
     from lm_eval.tasks import TaskManager
 
+    if plan.task_manager is not None:
+        return
     tm = TaskManager(include_path=include_path)
     unknown = [t for t in plan.tasks if t not in tm.all_tasks]
     if unknown:
         raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with 'lm-eval ls tasks'"
                          + (f" --include_path {include_path}" if include_path else ""))
-    return tm
+    plan.task_manager = tm
 
 
 def make_folder(out: Path) -> None:
