@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert real multiple-choice data carried by registry packages into the offline
+"""Convert real data carried by registry packages (and Python itself) into the offline
 lm-eval tasks under ``tasks/offline/``.
 
 Sources
@@ -7,6 +7,11 @@ Sources
 * ``lm-eval`` (MIT): ``lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json`` -- the
   MMLU development questions of 57 subjects, embedded in chain-of-thought prompts.
   Parsed back into question, four options and the answer letter.
+* Python's own standard library (PSF licence): ``pydoc_data/topics.py``, the help-topic prose.
+  Documents of whole paragraphs from the topics in the second half of the sorted topic list, for
+  the perplexity task ``pydoc_perplexity_offline``.  The embedded ``real`` model is fitted on the
+  first 8,192 tokens of the same text (``lm_eval_bh.real``: topics "assert" to "augassign" under
+  Python 3.11), so none of these documents was seen by its fit.
 * ``bigbench==1.0.0`` (Apache-2.0), *source distribution* (never installed):
   ``bigbench/benchmark_tasks/<task>/task.json`` for a few multiple-choice tasks
   (``target_scores`` examples).  Each converted BIG-bench file starts with a header
@@ -47,6 +52,8 @@ BIGBENCH_TASKS = {
     "physical_intuition": ("bigbench_physical_intuition", 300),  # 81 in total
 }
 SAMPLE_SEED = 1234
+PYDOC_DOCS = 100      # documents in pydoc_heldout.jsonl
+PYDOC_MIN_CHARS = 200  # a document is whole paragraphs, at least this long (about 50 tokens)
 MMLU_SRC = "lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"
 
 _OPTS = re.compile(r"^\(A\)\s*(.*?)\s*\(B\)\s*(.*?)\s*\(C\)\s*(.*?)\s*\(D\)\s*(.*?)\s*$", re.S)
@@ -106,6 +113,61 @@ def convert_mmlu() -> tuple[list[dict], dict]:
         "selection": "all blocks that parse into question, four options and an answer letter",
     }
     return records, meta
+
+
+# --------------------------------------------------------------------------- pydoc prose
+def pydoc_documents(topics: dict, min_chars: int = PYDOC_MIN_CHARS) -> list[dict]:
+    """The topics of the second half of the sorted list, each cut into documents of whole paragraphs
+    (blank-line separated) of at least ``min_chars`` characters (a topic's short tail joins its last one)."""
+    names = sorted(topics)
+    docs = []
+    for name in names[len(names) // 2:]:
+        paras = [p.rstrip() for p in re.split(r"\n\s*\n", topics[name].strip()) if p.strip()]
+        cur: list[str] = []
+        for p in paras:
+            cur.append(p)
+            if len("\n\n".join(cur)) >= min_chars:
+                docs.append({"topic": name, "text": "\n\n".join(cur)})
+                cur = []
+        if cur:
+            if docs and docs[-1]["topic"] == name:
+                docs[-1]["text"] += "\n\n" + "\n\n".join(cur)
+            else:
+                docs.append({"topic": name, "text": "\n\n".join(cur)})
+    return docs
+
+
+def convert_pydoc() -> tuple[list[dict], dict]:
+    import pydoc_data.topics as mod
+
+    docs = pydoc_documents(mod.topics)
+    n_total = len(docs)
+    records = random.Random(SAMPLE_SEED).sample(docs, min(PYDOC_DOCS, n_total))  # random order: --limit N is a sample
+    names = sorted(mod.topics)
+    meta = {
+        "source_package": "python",
+        "source_version": ".".join(map(str, sys.version_info[:3])),
+        "source_path": "pydoc_data/topics.py",
+        "source_sha256": sha256_file(Path(mod.__file__)),
+        "license": "PSF-2.0",
+        "selection": (f"{len(records)} of the {n_total} documents (whole paragraphs, >= {PYDOC_MIN_CHARS} characters) "
+                      f"of the topics '{names[len(names) // 2]}' to '{names[-1]}' (the second half of the sorted "
+                      f"topic list), random.Random({SAMPLE_SEED}).sample order; the real model is fitted on the first "
+                      f"8,192 tokens of the sorted topics, which end before topic '{_calibration_end(mod.topics)}' "
+                      "even at 16 characters a token"),
+    }
+    return records, meta
+
+
+def _calibration_end(topics: dict) -> str:
+    """A topic the real model's calibration text (8,192 tokens) ends before, even at 16 characters
+    a token (a bound: SmolLM2's tokenizer averages about 4 on this text)."""
+    names, pos = sorted(topics), 0
+    for name in names:
+        pos += len(topics[name]) + 2
+        if pos >= 8192 * 16:
+            return name
+    return names[-1]
 
 
 # ---------------------------------------------------------------------- BIG-bench
@@ -170,6 +232,8 @@ def main(argv=None) -> int:
     outputs: list[tuple[str, list[dict], dict]] = []
     recs, meta = convert_mmlu()
     outputs.append(("mmlu_dev.jsonl", recs, meta))
+    recs, meta = convert_pydoc()
+    outputs.append(("pydoc_heldout.jsonl", recs, meta))
     if not args.skip_bigbench:
         sdist = get_bigbench_sdist(args.bigbench_sdist)
         with tarfile.open(sdist) as tar:

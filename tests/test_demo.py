@@ -21,10 +21,11 @@ def test_demo_then_report_mixed_folder(tmp_path):
                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "bh/zscore alpha=0.05" in p.stdout and "hf top-4" in p.stdout
-    assert "stock `lm_eval --model hf` top-4 agree" in p.stdout
+    assert "stock `lm_eval --model hf` top-4 agree on 5 tasks" in p.stdout  # the perplexity task included
+    assert "## pydoc_perplexity_offline: word_perplexity per setting (lower is better" in p.stdout
     assert "chance-level" in p.stdout and "--limit 5" in p.stdout and "model tiny" in p.stdout
     assert (out / "report.md").is_file()
-    assert (out / "accuracy_vs_experts.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     files = sorted(out.rglob("*.json"))
     results = [f for f in files if "results" in json.loads(f.read_text())]
     assert len(results) == 4  # top-1, top-4, BH (the sweep) + stock hf (lm-eval's own layout)
@@ -40,9 +41,9 @@ def test_demo_then_report_mixed_folder(tmp_path):
     avg = {r["setting"]: r for r in rows if r["task"] == "(average)"}
     assert "hf top-4" in avg and len(avg) == 4
     top4 = [s for s in avg if s.endswith("top-4") and s != "hf top-4"]
-    assert len(top4) == 1 and avg["hf top-4"]["acc"] == avg[top4[0]]["acc"]
+    assert len(top4) == 1 and avg["hf top-4"]["value"] == avg[top4[0]]["value"]
     bh = avg["bh/zscore alpha=0.05 k=1..4"]
-    assert 1 <= bh["mean_k"] <= 4 and bh["topk_acc_at_k"] is not None and bh["n_tasks"] >= 2
+    assert 1 <= bh["mean_k"] <= 4 and bh["topk_value_at_k"] is not None and bh["n_tasks"] >= 2
 
 
 def test_demo_refuses_a_used_folder(tmp_path):

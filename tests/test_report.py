@@ -121,15 +121,15 @@ def test_interpolation_and_pareto_exact(folder):
     bh05 = "bh/zscore alpha=0.05 k=1..8"
     bh20 = "bh/zscore alpha=0.2 k=1..8"
     # per task: task_a at k=2 -> top-2 = 0.50; task_b at k=6 -> halfway 0.50..0.60
-    assert _row(rep, bh05, "task_a")["topk_acc_at_k"] == pytest.approx(0.50)
+    assert _row(rep, bh05, "task_a")["topk_value_at_k"] == pytest.approx(0.50)
     assert _row(rep, bh05, "task_a")["delta_vs_topk"] == pytest.approx(0.08)
-    assert _row(rep, bh05, "task_b")["topk_acc_at_k"] == pytest.approx(0.55)
+    assert _row(rep, bh05, "task_b")["topk_value_at_k"] == pytest.approx(0.55)
     assert _row(rep, bh05, "task_b")["delta_vs_topk"] == pytest.approx(0.0)
     # average: token-weighted mean k = (2*100 + 6*300)/400 = 5; top-k avg 0.55@4, 0.65@8 -> 0.575
     a = _avg(rep, bh05)
     assert a["mean_k"] == pytest.approx(5.0)
-    assert a["acc"] == pytest.approx(0.565)
-    assert a["topk_acc_at_k"] == pytest.approx(0.575)
+    assert a["value"] == pytest.approx(0.565)
+    assert a["topk_value_at_k"] == pytest.approx(0.575)
     assert a["delta_vs_topk"] == pytest.approx(-0.01)
     assert a["expert_fraction"] == pytest.approx(5.0 / 8)
     assert a["active_params"] == pytest.approx(DENSE + LAYERS * PPE * 5.0)
@@ -137,14 +137,14 @@ def test_interpolation_and_pareto_exact(folder):
     assert _row(rep, bh05, "task_b")["active_params"] == pytest.approx(DENSE + LAYERS * PPE * 6.0)
     b = _avg(rep, bh20)
     assert b["mean_k"] == pytest.approx(3.0)
-    assert b["topk_acc_at_k"] == pytest.approx(0.50)  # 0.45@2 .. 0.55@4
+    assert b["topk_value_at_k"] == pytest.approx(0.50)  # 0.45@2 .. 0.55@4
     assert b["delta_vs_topk"] == pytest.approx(0.07)
     # hf runs: k from config (8) and from the num_experts_per_tok override (1)
     assert _avg(rep, "hf top-8")["mean_k"] == 8 and _avg(rep, "hf top-1")["mean_k"] == 1
     assert _avg(rep, "hf top-1")["expert_fraction"] == pytest.approx(1 / 8)
     assert math.isfinite(_avg(rep, "hf top-8")["active_params"])
     # softmax at k=1.5: between hf top-1 (0.25) and top-2 (0.45) -> 0.35 -> delta 0
-    assert _avg(rep, "bh/softmax alpha=0.05 k=1..8")["topk_acc_at_k"] == pytest.approx(0.35)
+    assert _avg(rep, "bh/softmax alpha=0.05 k=1..8")["topk_value_at_k"] == pytest.approx(0.35)
     # group rows are not tasks
     assert "bh_offline" not in set(rep["task"])
     avg = rep[rep["task"] == R.AVERAGE]
@@ -186,7 +186,7 @@ def test_dedupe_keeps_newest(tmp_path):
     results_file(d / "new.json", {"t": 0.2}, routing=routing_block(2.0), date=2.0)
     df, _ = R.load_results(R.find_result_files([d])[0])
     df, shadowed = R.dedupe(df)
-    assert len(df) == 1 and df.iloc[0]["acc"] == 0.2 and [Path(s).name for s in shadowed] == ["old.json"]
+    assert len(df) == 1 and df.iloc[0]["value"] == 0.2 and [Path(s).name for s in shadowed] == ["old.json"]
 
 
 def test_cli_report_md_csv_plot_and_bad_files(folder, tmp_path):
@@ -208,10 +208,10 @@ def test_cli_report_md_csv_plot_and_bad_files(folder, tmp_path):
     import pandas as pd
 
     csv = pd.read_csv(out)
-    assert {"model", "setting", "task", "acc", "stderr", "mean_k", "expert_fraction", "active_params",
-            "pareto", "topk_acc_at_k", "delta_vs_topk"} <= set(csv.columns)
+    assert {"model", "setting", "task", "value", "stderr", "mean_k", "expert_fraction", "active_params",
+            "pareto", "topk_value_at_k", "delta_vs_topk"} <= set(csv.columns)
     # the hf run without a config keeps its accuracy
-    assert (csv["acc"] == 0.5).any()
+    assert (csv["value"] == 0.5).any()
 
 
 def test_cli_errors_are_one_line(tmp_path):
@@ -247,11 +247,11 @@ def test_markdown_per_task_values_and_stderr(folder):
     assert len(rows) == len(rep[rep["task"] != R.AVERAGE])
     for row in rows:
         r = _row(rep, row["setting"], row["task"])
-        assert row["value"] == f"{r['acc']:.4f}" and row["stderr"] == f"{r['stderr']:.4f}"
+        assert row["value"] == f"{r['value']:.4f}" and row["stderr"] == f"{r['stderr']:.4f}"
         assert row["mean k"] == f"{r['mean_k']:.3f}"
     summary = {r["setting"]: r for r in _md_table(text, "## Task average per setting")}
     a = _avg(rep, "bh/zscore alpha=0.05 k=1..8")
-    assert summary[a["setting"]]["acc ± se"] == f"{a['acc']:.4f} ± {a['stderr']:.4f}"
+    assert summary[a["setting"]]["acc ± se"] == f"{a['value']:.4f} ± {a['stderr']:.4f}"
     assert summary[a["setting"]]["Δ vs top-k ± se"].startswith(f"{a['delta_vs_topk']:+.4f} ± ")
 
 
@@ -262,12 +262,12 @@ def test_nan_metric_makes_the_average_undefined(tmp_path, capsys):
     results_file(d / "bh.json", {"task_a": 0.9, "task_b": math.nan}, routing=routing_block(2.0))
     text, rep = R.report([d], err=sys.stderr)
     a = _avg(rep, "bh/zscore alpha=0.05 k=1..8")
-    assert math.isnan(a["acc"]) and a["n_tasks"] == 2  # not 0.9 over one task
-    assert not a["pareto"] and math.isnan(a["delta_vs_topk"]) and math.isnan(a["topk_acc_at_k"])
+    assert math.isnan(a["value"]) and a["n_tasks"] == 2  # not 0.9 over one task
+    assert not a["pareto"] and math.isnan(a["delta_vs_topk"]) and math.isnan(a["topk_value_at_k"])
     assert math.isnan(_row(rep, "bh/zscore alpha=0.05 k=1..8", "task_b")["delta_vs_topk"])
     assert _row(rep, "bh/zscore alpha=0.05 k=1..8", "task_a")["delta_vs_topk"] == pytest.approx(0.9 - 0.4)
     err = capsys.readouterr().err
-    assert "undefined accuracy" in err and "bh/zscore alpha=0.05 k=1..8 (task_b)" in err
+    assert "undefined metric" in err and "bh/zscore alpha=0.05 k=1..8 (task_b)" in err
     assert set(_avg(rep, s)["pareto"] for s in ("olmoe_bh top-1", "olmoe_bh top-4")) == {True}
 
 
@@ -287,7 +287,7 @@ def test_analyze_runs_are_labelled_with_the_stock_cost(tmp_path):
     assert not an["pareto"].any() and an["delta_vs_topk"].isna().all()
     assert any("the rule would use 3.000" in s for s in an["setting"])
     # the k = 1 analyze run is no anchor: bh at k = 5 interpolates top-2 and top-8 only
-    assert _avg(rep, "bh/zscore alpha=0.05 k=1..8")["topk_acc_at_k"] == pytest.approx(0.5)
+    assert _avg(rep, "bh/zscore alpha=0.05 k=1..8")["topk_value_at_k"] == pytest.approx(0.5)
 
 
 def test_different_evaluations_are_never_mixed(tmp_path, capsys):
@@ -301,9 +301,9 @@ def test_different_evaluations_are_never_mixed(tmp_path, capsys):
     avg = rep[rep["task"] == R.AVERAGE]
     assert sorted(avg["evaluation"].unique()) == ["limit=20", "limit=30"]
     bh = avg[avg["setting"] == "bh/zscore alpha=0.05 k=1..8"].set_index("evaluation")
-    assert bh.loc["limit=20", "acc"] == 0.5 and bh.loc["limit=30", "acc"] == 0.7  # neither shadows the other
-    assert bh.loc["limit=20", "topk_acc_at_k"] == pytest.approx(0.5)
-    assert math.isnan(bh.loc["limit=30", "topk_acc_at_k"])  # limit 30 has no top-4: no Δ from limit 20's
+    assert bh.loc["limit=20", "value"] == 0.5 and bh.loc["limit=30", "value"] == 0.7  # neither shadows the other
+    assert bh.loc["limit=20", "topk_value_at_k"] == pytest.approx(0.5)
+    assert math.isnan(bh.loc["limit=30", "topk_value_at_k"])  # limit 30 has no top-4: no Δ from limit 20's
     assert "2 different evaluations" in capsys.readouterr().err
     assert "| evaluation" in text and "limit=30" in text
 

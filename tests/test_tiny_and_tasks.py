@@ -124,6 +124,11 @@ def test_data_files_match_sources():
         path = OFFLINE / name
         total += path.stat().st_size
         assert hashlib.sha256(path.read_bytes()).hexdigest() == s["sha256"]
+        if s["source_package"] == "python":  # documents for the perplexity task
+            docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            assert len(docs) == s["examples"] > 50 and s["license"] == "PSF-2.0"
+            assert all(len(d["text"]) >= 200 and d["text"] == d["text"].rstrip() and d["topic"] for d in docs)
+            continue
         recs = _load_records(name)
         assert len(recs) == s["examples"] > 50
         assert all(0 <= r["label"] < len(r["choices"]) and all(c and c == c.strip() for c in r["choices"])
@@ -141,7 +146,7 @@ def test_task_manager_lists_offline_and_paper_suite():
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(TASKS))
-    for name in OFFLINE_TASKS + ["bh_offline", "olmoe_paper_suite"]:
+    for name in OFFLINE_TASKS + ["bh_offline", "olmoe_paper_suite", "pydoc_perplexity_offline"]:
         assert name in tm.all_tasks, name
 
 

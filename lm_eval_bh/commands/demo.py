@@ -4,12 +4,13 @@ Steps:
 1. build (once, cached) the embedded model: ``real`` by default (a Qwen2-MoE made from SmolLM2-135M's
    real weights, see ``lm_eval_bh.real``), or ``--model tiny`` (random weights: chance-level accuracy);
 2. evaluate, in one process with the model loaded once (``lm-eval-bh sweep``), the fixed top-k curve
-   and BH routing at a few alphas on the offline task pack, ``--limit`` examples per task;
+   and BH routing at a few alphas on the offline task pack (multiple choice, and perplexity on
+   held-out prose: ``pydoc_perplexity_offline``), ``--limit`` examples per task;
 3. run the stock ``lm_eval --model hf`` CLI once at the model's own top-k: it must agree with the
-   plugin's top-k row (the plugin changes nothing at fixed k);
-4. print the ``lm-eval-bh report`` table: accuracy, mean experts per token, and for every BH row the
-   accuracy of fixed top-k interpolated at the same cost and the difference (paired standard error);
-5. for ``real``, the same settings' perplexity on held-out prose (``lm_eval_bh.real.perplexity_curve``).
+   plugin's top-k row on every task (the plugin changes nothing at fixed k);
+4. print the ``lm-eval-bh report`` tables: accuracy (task average) and perplexity, mean experts per
+   token, and for every BH row the value of fixed top-k interpolated at the same cost and the
+   difference (paired standard error).
 
 Everything goes to a fresh folder (``--output_path``, default ``demo-<model>-<time>/``), never into the
 committed results.
@@ -37,6 +38,7 @@ DEFAULTS = {  # per model: (alphas, fixed top-k curve, max_k of the adaptive rul
     "real": ("0.05,0.2,0.5", "1,2,4,8,16", "16", "5"),
     "tiny": ("0.01,0.05,0.2,0.5", "1,2,4", "4", "40"),
 }
+DEFAULT_TASKS = "bh_offline,pydoc_perplexity_offline"  # multiple choice, and perplexity on held-out prose
 
 
 def add_arguments(parser) -> None:
@@ -46,7 +48,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--alphas", default=None, help="BH levels, comma-separated (default real: 0.05,0.2,0.5)")
     parser.add_argument("--topk", default=None, help="fixed top-k curve (default real: 1,2,4,8,16; tiny: 1,2,4)")
     parser.add_argument("--max_k", default=None, help="most experts BH may pick per token (default real: 16)")
-    parser.add_argument("--tasks", default="bh_offline", help="lm-eval tasks or groups (default bh_offline)")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS, help=f"lm-eval tasks or groups (default {DEFAULT_TASKS})")
     parser.add_argument("--include_path", default=None, help="task folder (default: the project's tasks/)")
     parser.add_argument("--limit", default=None, help="examples per task (default real: 5, tiny: 40; 'none' for all)")
     parser.add_argument("--verbose", action="store_true", help="show lm-eval's own output")
@@ -110,18 +112,16 @@ def run(args) -> int:
 
     from lm_eval_bh.commands.report import report
 
-    text, rep = report([out], "md", output=out / "report.md", plot=out / "accuracy_vs_experts.png")
+    text, rep = report([out], "md", output=out / "report.md", plot=out / "pareto.png")
     print(text)
     if stock:
         _check_agreement(rep, top_k)
-    if args.model == "real":
-        _perplexity(model_dir, topk, alphas)
     scope = "all examples" if limit is None else f"--limit {limit}: the first {limit} examples of each task"
     print(f"demo: model {args.model} ({model_dir}); {scope}; {time.time() - t0:.0f}s in all")
     if args.model in UNTRAINED:
         print(f"demo: the {args.model} model has random weights: its accuracies are chance-level and their "
               "differences are noise; it shows the plumbing and the cost accounting only (use --model real)")
-    print(f"demo: results under {out}/ (report.md, accuracy_vs_experts.png); redo the table with: "
+    print(f"demo: results under {out}/ (report.md, pareto.png); redo the table with: "
           f"lm-eval-bh report {out}")
     return 0 if stock else 1
 
@@ -183,38 +183,18 @@ def _stock_cli(model_dir, run_dir, tasks_dir, args, limit) -> bool:
     return True
 
 
-def _perplexity(model_dir: Path, topk: str, alphas: str, tokens: int = 256) -> None:
-    """The same settings on held-out prose: the curve that a few multiple-choice items cannot resolve."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lm_eval_bh.real import perplexity_curve
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    rows = perplexity_curve(model, tok, [int(k) for k in topk.split(",")], [float(a) for a in alphas.split(",")],
-                            tokens=tokens)
-    print(f"\n## Held-out perplexity ({tokens} tokens of Python's pydoc prose that the build did not fit on)\n")
-    print("| setting | mean k | perplexity | top-k at same k | BH vs top-k |\n|---|---:|---:|---:|---:|")
-    for r in rows:
-        ref = r.get("topk_ppl")
-        tail = f"{ref:.1f} | {r['ppl'] / ref - 1:+.1%}" if ref is not None and ref == ref else " | "
-        print(f"| {r['setting']} | {r['mean_k']:.2f} | {r['ppl']:.1f} | {tail} |")
-    print()
-
-
 def _check_agreement(rep, top_k: int) -> None:
     """The plugin at min_k=max_k=top_k must reproduce stock transformers exactly."""
     from lm_eval_bh.commands.report import AVERAGE, FIXED_RULE
 
     t = rep[(rep["rule"] == FIXED_RULE) & (rep["task"] != AVERAGE)]
     t = t[t["mean_k"] == top_k]
-    stock = t[t["setting"].str.startswith("hf ")].set_index("task")["acc"]
-    plugin = t[~t["setting"].str.startswith("hf ")].set_index("task")["acc"]
+    stock = t[t["setting"].str.startswith("hf ")].set_index("task")["value"]
+    plugin = t[~t["setting"].str.startswith("hf ")].set_index("task")["value"]
     common = stock.index.intersection(plugin.index)
     if len(common) == 0:
         print(f"demo: no task to compare the plugin's top-{top_k} with stock hf")
         return
-    diff = (stock[common] - plugin[common]).abs().max()
-    verdict = "agree" if diff < 1e-9 else f"DIFFER (max |Δacc| = {diff:.4f})"
+    rel = ((stock[common] - plugin[common]).abs() / plugin[common].abs().clip(lower=1.0)).max()
+    verdict = "agree" if rel < 1e-9 else f"DIFFER (max relative difference {rel:.2e})"
     print(f"demo: plugin top-{top_k} and stock `lm_eval --model hf` top-{top_k} {verdict} on {len(common)} tasks")

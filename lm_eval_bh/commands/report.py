@@ -1,4 +1,4 @@
-"""``lm-eval-bh report``: accuracy per unit of expert compute, from lm-eval results files.
+"""``lm-eval-bh report``: quality (accuracy, perplexity, ...) per unit of expert compute, from lm-eval results files.
 
 Three small layers, each usable on its own:
 
@@ -21,8 +21,13 @@ What the report only admits when it can label it truthfully:
   matched-cost reference;
 * analyze-mode runs route with the stock top-k: they are labelled ``analyze:`` with the stock
   model's cost, and are never a top-k reference or on the Pareto front;
-* a setting with an undefined (NaN) accuracy on a task has an undefined average, and is left out of
+* a setting with an undefined (NaN) metric on a task has an undefined average, and is left out of
   the Pareto front and the matched-cost comparison.
+
+Each task is judged by its primary metric in the direction lm-eval records for it
+(``higher_is_better`` in the results file). Higher-is-better tasks (accuracies) are averaged per
+setting; a lower-is-better task (a perplexity) is never averaged with them: it is its own summary,
+with its own Pareto front (min metric for min cost) and matched-cost comparison.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import json
 import math
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -49,10 +55,11 @@ ACC_TIE, COST_TIE = 5e-5, 5e-4
 
 # Columns of the tidy per-(setting, task) frame, in display order.
 COLUMNS = [
-    "model", "evaluation", "setting", "rule", "fixed_k", "alpha", "task", "metric", "acc", "stderr",
+    "model", "evaluation", "setting", "rule", "fixed_k", "alpha", "task", "metric", "higher_is_better", "scale",
+    "value", "stderr",
     "mean_k", "top_k", "expert_fraction", "active_params", "n_tasks", "limit", "source", "file",
 ]
-REPORT_COLUMNS = COLUMNS + ["pareto", "topk_acc_at_k", "delta_vs_topk", "delta_se", "delta_se_kind"]
+REPORT_COLUMNS = COLUMNS + ["pareto", "topk_value_at_k", "delta_vs_topk", "delta_se", "delta_se_kind"]
 GROUP = ["model", "evaluation"]
 
 
@@ -119,6 +126,56 @@ def _primary_metric(task_result: dict) -> tuple[str | None, str, float, float]:
         if name in metrics:
             return (name, *metrics[name])
     return (None, "none", math.nan, math.nan)
+
+
+def higher_is_better(data: dict, task: str, metric: str) -> bool:
+    """The metric's direction as lm-eval recorded it for the task (``higher_is_better`` in the results
+    file), else as lm-eval's metric registry has it, else higher (an accuracy-like score)."""
+    recorded = ((data.get("higher_is_better") or {}).get(task) or {}).get(metric)
+    if isinstance(recorded, bool):
+        return recorded
+    registered = _registry_direction(metric)
+    return True if registered is None else registered
+
+
+def metric_scale(data: dict, task: str, metric: str) -> str:
+    """'log' for a metric lm-eval aggregates as a perplexity (exp of a mean negative log-likelihood):
+    mixing two settings over the tokens mixes its logarithm, so that is where it is interpolated;
+    'linear' for every other metric."""
+    agg = None
+    for m in ((data.get("configs") or {}).get(task) or {}).get("metric_list") or []:
+        if isinstance(m, dict) and m.get("metric") == metric and isinstance(m.get("aggregation"), str):
+            agg = m["aggregation"]
+    return "log" if (agg or _registry_aggregation(metric)) in ("perplexity", "weighted_perplexity") else "linear"
+
+
+@lru_cache(maxsize=None)
+def _registry_direction(metric: str) -> bool | None:
+    if metric in ("acc", "acc_norm"):
+        return True
+    try:
+        import lm_eval.api.metrics  # noqa: F401  (fills lm-eval's metric registries)
+        from lm_eval.api.registry import HIGHER_IS_BETTER_REGISTRY
+
+        return HIGHER_IS_BETTER_REGISTRY.get(metric) if metric in HIGHER_IS_BETTER_REGISTRY else None
+    except Exception:  # noqa: BLE001 - lm-eval's registry unreadable: the caller's default
+        return None
+
+
+@lru_cache(maxsize=None)
+def _registry_aggregation(metric: str) -> str | None:
+    if metric in ("acc", "acc_norm"):
+        return "mean"
+    try:
+        import lm_eval.api.metrics  # noqa: F401  (fills lm-eval's metric registries)
+        from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_AGGREGATION_REGISTRY
+
+        if metric not in METRIC_AGGREGATION_REGISTRY:
+            return None
+        fn = METRIC_AGGREGATION_REGISTRY.get(metric)
+        return next((name for name in AGGREGATION_REGISTRY if AGGREGATION_REGISTRY.get(name) is fn), None)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def params_from_config(cfg: Any) -> dict | None:
@@ -350,7 +407,7 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
         res = data["results"][task]
         if not isinstance(res, dict):
             continue
-        metric, filt, acc, se = _primary_metric(res)
+        metric, filt, value, se = _primary_metric(res)
         if metric is None:
             continue
         t_k = mean_k
@@ -362,7 +419,8 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
             t_active = dense + per_k * t_k
         rows.append({
             "model": pretrained, "setting": setting, "rule": rule, "fixed_k": fixed_k, "alpha": alpha,
-            "task": task, "metric": metric, "acc": acc, "stderr": se, "mean_k": t_k, "top_k": top_k,
+            "task": task, "metric": metric, "higher_is_better": higher_is_better(data, task, metric),
+            "scale": metric_scale(data, task, metric), "value": value, "stderr": se, "mean_k": t_k, "top_k": top_k,
             "expert_fraction": t_k / top_k if top_k and not math.isnan(top_k) else math.nan,
             "active_params": t_active, "n_tasks": 1, "limit": limit, "source": source, "file": str(file),
             "_date": date,
@@ -376,7 +434,9 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
 
 
 def load_item_scores(source: tuple[Path, bool] | None, task: str, metric: str, filt: str) -> dict | None:
-    """{doc_id: the metric's per-item value} from a per-sample file (None if there is none)."""
+    """{doc_id: the metric's per-item value} from a per-sample file (None if there is none): a number,
+    or for metrics lm-eval aggregates over the whole set (perplexities, bits per byte) the pair
+    (log-likelihood, words or bytes) it records per document."""
     if source is None:
         return None
     path, has_task = source
@@ -387,7 +447,9 @@ def load_item_scores(source: tuple[Path, bool] | None, task: str, metric: str, f
                 s = json.loads(line)
                 if (has_task and s.get("task") != task) or s.get("filter", "none") != filt or metric not in s:
                     continue
-                out[s["doc_id"]] = _as_float(s[metric])
+                v = s[metric]
+                out[s["doc_id"]] = ((_as_float(v[0]), _as_float(v[1])) if isinstance(v, list) and len(v) == 2
+                                    else _as_float(v))
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return out or None
@@ -406,14 +468,15 @@ def dedupe(df: "pd.DataFrame") -> tuple["pd.DataFrame", list[str]]:
 
 
 def add_average(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Append one AVERAGE row per setting: the mean over the tasks that every setting of its
-    evaluation group has (so averages compare like with like). A NaN on any of those tasks makes
-    the average NaN (the denominator never shrinks). Its stderr assumes independent tasks; its
-    mean_k is token-weighted when per-task token counts exist."""
+    """Append one AVERAGE row per setting: the mean over the higher-is-better tasks that every
+    setting of its evaluation group has (so averages compare like with like; a perplexity is never
+    averaged with accuracies). A NaN on any of those tasks makes the average NaN (the denominator
+    never shrinks). Its stderr assumes independent tasks; its mean_k is token-weighted when per-task
+    token counts exist."""
     if df.empty:
         return df
     out = [df]
-    for _, g in df.groupby(GROUP, sort=False):
+    for _, g in df[df["higher_is_better"]].groupby(GROUP, sort=False):
         sets = [set(s["task"]) for _, s in g.groupby("setting", sort=False)]
         common = set.intersection(*sets) if sets else set()
         for setting, s in g.groupby("setting", sort=False):
@@ -432,7 +495,7 @@ def add_average(df: "pd.DataFrame") -> "pd.DataFrame":
             row.update({
                 "task": AVERAGE,
                 "metric": "/".join(sorted(set(use["metric"]))),
-                "acc": float(np.mean(use["acc"].to_numpy(dtype=float))),  # NaN if any task is NaN
+                "value": float(np.mean(use["value"].to_numpy(dtype=float))),  # NaN if any task is NaN
                 "stderr": float(np.sqrt(np.sum(se ** 2)) / n) if np.all(np.isfinite(se)) else math.nan,
                 "mean_k": mk,
                 "expert_fraction": mk / first["top_k"] if first["top_k"] and np.isfinite(first["top_k"]) else math.nan,
@@ -447,19 +510,20 @@ def add_average(df: "pd.DataFrame") -> "pd.DataFrame":
 
 
 def undefined_settings(rep: "pd.DataFrame") -> list[str]:
-    """'setting (task, ...)' for each setting whose average is undefined because a task's metric is NaN."""
+    """'setting (task, ...)' for each setting with a task whose metric is NaN (no average, Pareto mark or Δ)."""
     out = []
     for (_, _, setting), g in rep.groupby(GROUP + ["setting"], sort=False):
-        bad = g[(g["task"] != AVERAGE) & g["acc"].isna()]
+        bad = g[(g["task"] != AVERAGE) & g["value"].isna()]
         if len(bad):
             out.append(f"{setting} ({', '.join(bad['task'])})")
     return out
 
 
-def pareto_mask(acc, cost, acc_tol: float = ACC_TIE, cost_tol: float = COST_TIE) -> list[bool]:
-    """True where no other point has acc >= and cost <= with one of them better by more than the
-    tolerance (NaNs never on it). Points tied within the tolerances are starred once: the first."""
-    pts = list(zip(acc, cost))
+def pareto_mask(acc, cost, acc_tol: float = ACC_TIE, cost_tol: float = COST_TIE, higher_is_better: bool = True) -> list[bool]:
+    """True where no other point has a quality as good (acc >= or, for a lower-is-better metric, <=)
+    and cost <= with one of them better by more than the tolerance (NaNs never on it). Points tied
+    within the tolerances are starred once: the first."""
+    pts = list(zip(acc if higher_is_better else [-a for a in acc], cost))
     ok = [math.isfinite(a) and math.isfinite(c) for a, c in pts]
     mask = []
     for i, (a, c) in enumerate(pts):
@@ -478,15 +542,22 @@ def pareto_mask(acc, cost, acc_tol: float = ACC_TIE, cost_tol: float = COST_TIE)
     return mask
 
 
+def is_summary(df: "pd.DataFrame") -> "pd.Series":
+    """The rows that summarise a setting: the task average, and each lower-is-better task on its own."""
+    return (df["task"] == AVERAGE) | ~df["higher_is_better"].astype(bool)
+
+
 def mark_pareto(df: "pd.DataFrame") -> "pd.DataFrame":
-    """Column 'pareto': on the max-accuracy / min-mean-k frontier of the task average, per group;
-    fixed top-k first among ties, analyze runs and undefined accuracies never on it."""
+    """Column 'pareto': per group, on the best-quality / min-mean-k frontier of each summary (the task
+    average: max accuracy; a lower-is-better task: min metric); fixed top-k first among ties, analyze
+    runs and undefined values never on it."""
     df = df.copy()
     df["pareto"] = False
-    cand = (df["task"] == AVERAGE) & ~df["rule"].str.startswith(ANALYZE_PREFIX) & df["acc"].notna()
-    for _, g in df[cand].groupby(GROUP, sort=False):
+    cand = is_summary(df) & ~df["rule"].str.startswith(ANALYZE_PREFIX) & df["value"].notna()
+    for _, g in df[cand].groupby(GROUP + ["task"], sort=False):
         g = g.assign(_adaptive=g["rule"] != FIXED_RULE).sort_values(["_adaptive", "mean_k", "setting"], kind="stable")
-        df.loc[g.index, "pareto"] = pareto_mask(g["acc"].tolist(), g["mean_k"].tolist())
+        df.loc[g.index, "pareto"] = pareto_mask(g["value"].tolist(), g["mean_k"].tolist(),
+                                                higher_is_better=bool(g["higher_is_better"].iloc[0]))
     return df
 
 
@@ -504,65 +575,104 @@ def interpolation_weights(ks, at: float) -> list[tuple[float, float]]:
     return [(xs[lo], 1.0 - w), (xs[hi], w)]
 
 
-def interpolate_fixed(ks, accs, at: float) -> float:
-    """Stock top-k accuracy at mean k = ``at``: linear between the fixed-k points present
-    (several points at one k are averaged); NaN outside their range (no extrapolation)."""
+def interpolate_fixed(ks, accs, at: float, scale: str = "linear") -> float:
+    """Stock top-k value at mean k = ``at``: linear between the fixed-k points present (in the
+    logarithm for ``scale="log"``: perplexities; several points at one k are averaged there); NaN
+    outside their range (no extrapolation)."""
+    to, back = (math.log, math.exp) if scale == "log" else (float, float)
     pts: dict[float, list[float]] = {}
     for k, a in zip(ks, accs):
-        if math.isfinite(k) and math.isfinite(a):
-            pts.setdefault(float(k), []).append(float(a))
+        if math.isfinite(k) and math.isfinite(a) and (scale != "log" or a > 0):
+            pts.setdefault(float(k), []).append(to(float(a)))
     ws = interpolation_weights(list(pts), at)
-    return float(sum(w * np.mean(pts[k]) for k, w in ws)) if ws else math.nan
+    return back(float(sum(w * np.mean(pts[k]) for k, w in ws))) if ws else math.nan
 
 
 def _paired_task(row, task: str, refs: dict, weights) -> tuple[float, float, int] | None:
-    """(mean, variance of the mean, n) of the per-item differences of `row` on `task` against the
-    interpolated fixed top-k, or None without matching per-sample outputs."""
+    """(Δ, variance of Δ, n) of `row` on `task` against the interpolated fixed top-k on the same items,
+    or None without matching per-sample outputs.
+
+    Per-item scores (accuracies): Δ is the mean per-item difference, its variance that of a mean.
+    Per-document (log-likelihood, words or bytes) pairs (perplexities, bits per byte): the metric is
+    f(L) with L = sum(s_d) / sum(n_d), s_d a document's negative log-likelihood and n_d its words (or
+    bytes); f = exp for a perplexity, else f(L) = c L (bits per byte). The reference is interpolated in
+    L (what mixing two k's over the tokens gives): L_ref = sum(r_d) / sum(n_d), r_d the weighted
+    top-k s_d. Δ = f(L) - f(L_ref) is linearised over documents (the delta method for ratios of sums):
+    its variance is n / (n - 1) * sum(z_d^2) / sum(n_d)^2 with
+    z_d = f'(L) (s_d - L n_d) - f'(L_ref) (r_d - L_ref n_d)."""
     mine = load_item_scores(row["_samples"], task, row["metric"], row["_filter"])
     if mine is None:
         return None
-    ref = np.zeros(len(mine))
     ids = sorted(mine)
+    pairs = all(isinstance(mine[i], tuple) for i in ids)
+    if not pairs and any(isinstance(mine[i], tuple) for i in ids):
+        return None
+    ref = np.zeros(len(ids))
+    sizes = np.array([mine[i][1] for i in ids]) if pairs else None
     for k, w in weights:
         rows = refs.get(k, [])
         runs = [s for s in (load_item_scores(r["_samples"], task, r["metric"], r["_filter"]) for r in rows) if s]
         if not runs or any(sorted(s) != ids for s in runs):
             return None
-        if len(runs) < len(rows) and len({float(r["acc"]) for r in rows}) > 1:
+        if len(runs) < len(rows) and len({float(r["value"]) for r in rows}) > 1:
             return None  # a run at this k without per-sample outputs scored differently: no pairing
-        ref += w * np.mean([[s[i] for i in ids] for s in runs], axis=0)
-    d = np.array([mine[i] for i in ids]) - ref
-    if not np.all(np.isfinite(d)):
+        if pairs:
+            if any(not isinstance(s[i], tuple) or s[i][1] != mine[i][1] for s in runs for i in ids):
+                return None  # other documents (words, bytes) than the row's
+            ref += w * np.mean([[s[i][0] for i in ids] for s in runs], axis=0)
+        else:
+            ref += w * np.mean([[s[i] for i in ids] for s in runs], axis=0)
+    n = len(ids)
+    if not pairs:
+        d = np.array([mine[i] for i in ids]) - ref
+        if not np.all(np.isfinite(d)):
+            return None
+        return float(d.mean()), (float(np.var(d, ddof=1)) / n if n > 1 else math.nan), n
+    s_d, r_d = -np.array([mine[i][0] for i in ids]), -ref  # negative log-likelihoods, per document
+    total = float(sizes.sum())
+    if not (np.all(np.isfinite(s_d)) and np.all(np.isfinite(r_d)) and np.all(np.isfinite(sizes)) and total > 0):
         return None
-    var = float(np.var(d, ddof=1)) / len(d) if len(d) > 1 else math.nan
-    return float(d.mean()), var, len(d)
+    big_l, l_ref = float(s_d.sum()) / total, float(r_d.sum()) / total
+    value = float(row["value"])
+    if row["scale"] == "log":
+        if not math.isclose(math.exp(big_l), value, rel_tol=1e-6):
+            return None  # the per-sample file does not give the row's value: not the same run
+        slope, slope_ref, delta = value, math.exp(l_ref), value - math.exp(l_ref)
+    else:
+        slope = slope_ref = value / big_l if big_l else math.nan  # f(L) = c L (bits per byte: c = 1 / ln 2)
+        delta = slope * (big_l - l_ref)
+    z = slope * (s_d - big_l * sizes) - slope_ref * (r_d - l_ref * sizes)
+    var = n / (n - 1) * float(np.sum(z ** 2)) / total ** 2 if n > 1 else math.nan
+    return delta, var, n
 
 
 def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
-    """For adaptive settings: 'topk_acc_at_k' (stock top-k of the same group and task interpolated at
-    the same mean k), 'delta_vs_topk' (acc minus it) and its standard error 'delta_se'.
+    """For adaptive settings: 'topk_value_at_k' (stock top-k of the same group and task interpolated
+    at the same mean k; in the logarithm for perplexities), 'delta_vs_topk' (the value minus it: for
+    a lower-is-better metric, negative is better) and its standard error 'delta_se'.
 
     The SE is paired ('delta_se_kind' = "paired") where per-sample outputs of the same items exist
-    for the setting and its fixed-k references: the SE of the per-item differences against the
-    interpolated top-k (for the task average: the per-task SEs combined as independent tasks).
-    Otherwise it is the unpaired SE from the tasks' own SEs ("unpaired")."""
+    for the setting and its fixed-k references (see `_paired_task`; for the task average: the
+    per-task SEs combined as independent tasks). Otherwise it is the unpaired SE from the tasks' own
+    SEs ("unpaired"), NaN where lm-eval gives none (perplexities: then Δ stands without an SE)."""
     df = df.copy()
-    for c in ("topk_acc_at_k", "delta_vs_topk", "delta_se"):
+    for c in ("topk_value_at_k", "delta_vs_topk", "delta_se"):
         df[c] = math.nan
     df["delta_se_kind"] = ""
     for _, g in df.groupby(GROUP + ["task"], sort=False):
-        fixed = g[(g["rule"] == FIXED_RULE) & g["acc"].notna()]
+        fixed = g[(g["rule"] == FIXED_RULE) & g["value"].notna()]
         if fixed.empty:
             continue
-        adaptive = (g["rule"] != FIXED_RULE) & ~g["rule"].str.startswith(ANALYZE_PREFIX) & g["acc"].notna()
+        adaptive = (g["rule"] != FIXED_RULE) & ~g["rule"].str.startswith(ANALYZE_PREFIX) & g["value"].notna()
         for idx, row in g[adaptive].iterrows():
             weights = interpolation_weights(fixed["fixed_k"].astype(float).tolist(), float(row["mean_k"]))
             if not weights:
                 continue
             at_k = {k: fixed[fixed["fixed_k"].astype(float) == k] for k, _ in weights}
-            ref = interpolate_fixed(fixed["fixed_k"].astype(float).tolist(), fixed["acc"].tolist(), float(row["mean_k"]))
-            df.at[idx, "topk_acc_at_k"] = ref
-            df.at[idx, "delta_vs_topk"] = row["acc"] - ref
+            ref = interpolate_fixed(fixed["fixed_k"].astype(float).tolist(), fixed["value"].tolist(),
+                                    float(row["mean_k"]), row["scale"])
+            df.at[idx, "topk_value_at_k"] = ref
+            df.at[idx, "delta_vs_topk"] = row["value"] - ref
             se, kind = _delta_se(df, row, weights, at_k)
             df.at[idx, "delta_se"] = se
             df.at[idx, "delta_se_kind"] = kind
@@ -643,24 +753,40 @@ def _group_columns(frame: "pd.DataFrame", r) -> dict:
     return row
 
 
-def summary_table(rep: "pd.DataFrame") -> "pd.DataFrame":
-    """One row per setting (task average), human-formatted."""
-    avg = rep[rep["task"] == AVERAGE]
+def summary_tasks(rep: "pd.DataFrame") -> list[str]:
+    """The summaries, in display order: the task average (if any task is higher-is-better), then
+    each lower-is-better task."""
+    summary = rep[is_summary(rep)]
+    tasks = sorted(set(summary["task"]) - {AVERAGE})
+    return ([AVERAGE] if (summary["task"] == AVERAGE).any() else []) + tasks
+
+
+def _metric_of(rep: "pd.DataFrame", task: str) -> str:
+    return "acc" if task == AVERAGE else "/".join(sorted(set(rep.loc[rep["task"] == task, "metric"])))
+
+
+def summary_table(rep: "pd.DataFrame", task: str = AVERAGE) -> "pd.DataFrame":
+    """One row per setting for one summary (the task average, or a lower-is-better task), human-formatted."""
+    avg = rep[rep["task"] == task]
+    m = _metric_of(rep, task)
     rows = []
     for _, r in avg.iterrows():
         row = _group_columns(avg, r)
+        row.update({"setting": r["setting"], "rule": r["rule"]})
+        if task == AVERAGE:
+            row["tasks"] = int(r["n_tasks"])
         row.update({
-            "setting": r["setting"],
-            "rule": r["rule"],
-            "tasks": int(r["n_tasks"]),
-            "acc ± se": f"{_fmt(r['acc'])} ± {_fmt(r['stderr'])}" if math.isfinite(r["stderr"]) else _fmt(r["acc"]) or "NaN",
+            f"{m} ± se": f"{_fmt(r['value'])} ± {_fmt(r['stderr'])}" if math.isfinite(r["stderr"]) else _fmt(r["value"]) or "NaN",
             "mean k": _fmt(r["mean_k"], 3),
             "k / top-k": _fmt(r["expert_fraction"], 3),
             "active params": _fmt_params(r["active_params"]),
-            "top-k acc @ same k": _fmt(r["topk_acc_at_k"]),
+            f"top-k {m} @ same k": _fmt(r["topk_value_at_k"]),
             "Δ vs top-k ± se": _fmt_delta(r),
-            "pareto": "*" if r["pareto"] else "",
         })
+        if task != AVERAGE:
+            rel = r["value"] / r["topk_value_at_k"] - 1 if r["topk_value_at_k"] else math.nan
+            row["Δ / top-k"] = f"{rel:+.1%}" if math.isfinite(rel) else ""
+        row["pareto"] = "*" if r["pareto"] else ""
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -671,8 +797,8 @@ def per_task_table(rep: "pd.DataFrame") -> "pd.DataFrame":
     for _, r in t.iterrows():
         row = _group_columns(t, r)
         row.update({
-            "task": r["task"], "setting": r["setting"], "metric": r["metric"],
-            "value": _fmt(r["acc"]) or "NaN", "stderr": _fmt(r["stderr"]), "mean k": _fmt(r["mean_k"], 3),
+            "task": r["task"], "setting": r["setting"], "metric": r["metric"] + ("" if r["higher_is_better"] else " ↓"),
+            "value": _fmt(r["value"]) or "NaN", "stderr": _fmt(r["stderr"]), "mean k": _fmt(r["mean_k"], 3),
             "Δ vs top-k ± se": _fmt_delta(r),
         })
         rows.append(row)
@@ -683,6 +809,21 @@ def _to_markdown(frame: "pd.DataFrame") -> str:
     return frame.to_markdown(index=False, disable_numparse=True)
 
 
+def _se_note(rows: "pd.DataFrame") -> str:
+    rows = rows[rows["delta_vs_topk"].notna()]
+    notes = []
+    if (rows["delta_se_kind"] == "paired").any():
+        notes.append("se: paired, from the per-item differences on the same items" if rows["higher_is_better"].all()
+                     else "se: paired, from the per-document log-likelihood differences on the same documents "
+                          "(a ratio of sums, linearised over documents)")
+    unpaired = rows[rows["delta_se_kind"] == "unpaired"]
+    if unpaired["delta_se"].notna().any():
+        notes.append("se: unpaired (no per-sample outputs for this row or its top-k references)")
+    if len(unpaired) and unpaired["delta_se"].isna().any():
+        notes.append("no se where lm-eval records none and there are no per-sample outputs")
+    return "; ".join(notes)
+
+
 def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
     if fmt == "csv":
         return rep.to_csv(index=False)
@@ -690,15 +831,26 @@ def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
         return rep.to_json(orient="records", indent=2)
     if rep.empty:
         return "(no results)\n"
-    kinds = set(rep.loc[rep["delta_vs_topk"].notna(), "delta_se_kind"])
-    se_note = {"paired": "se: paired, from the per-item differences on the same items",
-               "unpaired": "se: unpaired (no per-sample outputs for this row or its top-k references)"}
-    parts = ["## Task average per setting (Pareto: * = max accuracy for min mean experts per token)\n",
-             "Δ vs top-k: accuracy minus the stock top-k accuracy interpolated at the same mean k; "
-             + "; ".join(se_note[k] for k in sorted(kinds) if k in se_note) + ".\n" if kinds else "",
-             _to_markdown(summary_table(rep)), "",
-             "## Per task (primary metric: acc_norm, else acc, else the task's first metric)\n",
-             _to_markdown(per_task_table(rep)), ""]
+    parts = []
+    for task in summary_tasks(rep):
+        rows = rep[rep["task"] == task]
+        note = _se_note(rows)
+        if task == AVERAGE:
+            parts += ["## Task average per setting (Pareto: * = max accuracy for min mean experts per token)\n",
+                      "Δ vs top-k: accuracy minus the stock top-k accuracy interpolated at the same mean k"
+                      + (f"; {note}" if note else "") + ".\n" if rows["delta_vs_topk"].notna().any() else None]
+        else:
+            m = _metric_of(rep, task)
+            log = (rows["scale"] == "log").all()
+            parts += [f"## {task}: {m} per setting (lower is better; Pareto: * = min {m} for min mean experts "
+                      "per token)\n",
+                      f"Δ vs top-k: {m} minus the stock top-k {m} interpolated at the same mean k"
+                      + (f" (in log {m}: what mixing two k's over the tokens gives)" if log else "")
+                      + "; negative is better" + (f"; {note}" if note else "") + ".\n"
+                      if rows["delta_vs_topk"].notna().any() else None]
+        parts += [_to_markdown(summary_table(rep, task)), ""]
+    parts += ["## Per task (primary metric: acc_norm, else acc, else the task's first metric; ↓: lower is better)\n",
+              _to_markdown(per_task_table(rep)), ""]
     return "\n".join(p for p in parts if p is not None)
 
 
@@ -710,43 +862,56 @@ def _point_label(r) -> str:
     return r["setting"].split(" ")[1] if " " in r["setting"] else r["setting"]
 
 
-def make_plot(rep: "pd.DataFrame", task: str = AVERAGE):
-    """Accuracy vs mean experts per token, one curve per rule (fixed top-k: dashed reference), each
-    point labelled with its alpha (top_p, or k); the legend sits outside the axes.
-    Returns the matplotlib Figure (not saved)."""
+def make_plot(rep: "pd.DataFrame"):
+    """Quality vs mean experts per token, one panel per summary (the task average's accuracy, then
+    each lower-is-better task, on a log axis for perplexities), one curve per rule (fixed top-k:
+    dashed reference), each point labelled with its alpha (top_p, or k); the legend sits outside the
+    axes. Returns the matplotlib Figure (not saved)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8.5, 4.5))
-    ax = fig.add_subplot(1, 1, 1)
+    tasks = summary_tasks(rep) or [AVERAGE]
+    fig = Figure(figsize=(8.5, 4.5 * len(tasks)))
+    for i, task in enumerate(tasks):
+        _plot_panel(fig.add_subplot(len(tasks), 1, i + 1), rep, task)
+    return fig
+
+
+def _plot_panel(ax, rep: "pd.DataFrame", task: str) -> None:
     d = rep[rep["task"] == task]
     multi = d.groupby(GROUP).ngroups > 1
     for (model, evaluation, rule), g in d.groupby(GROUP + ["rule"], sort=True):
-        g = g[g["mean_k"].notna() & g["acc"].notna()]
+        g = g[g["mean_k"].notna() & g["value"].notna()]
         if g.empty:
             continue
         if rule == FIXED_RULE:
             # several fixed runs at one k (hf and olmoe_bh) collapse into one point
-            g = g.groupby("mean_k", as_index=False).agg(acc=("acc", "mean"), stderr=("stderr", "mean"),
+            g = g.groupby("mean_k", as_index=False).agg(value=("value", "mean"), stderr=("stderr", "mean"),
                                                        rule=("rule", "first"), setting=("setting", "first"))
         g = g.sort_values("mean_k")
         name = " ".join(x for x in (_short_model(model), evaluation) if x)
         label = f"{name}: {rule}" if multi else rule
         yerr = g["stderr"].fillna(0).to_numpy()
         style = dict(linestyle="--", color="black", marker="s") if rule == FIXED_RULE else dict(marker="o")
-        ax.errorbar(g["mean_k"], g["acc"], yerr=yerr, capsize=3, label=label, **style)
+        ax.errorbar(g["mean_k"], g["value"], yerr=yerr, capsize=3, label=label, **style)
         for _, r in g.iterrows():
-            ax.annotate(_point_label(r), (r["mean_k"], r["acc"]), textcoords="offset points", xytext=(4, 4),
+            ax.annotate(_point_label(r), (r["mean_k"], r["value"]), textcoords="offset points", xytext=(4, 4),
                         fontsize=7)
     ax.set_xlabel("mean experts per token")
-    ax.set_ylabel("accuracy (task average)" if task == AVERAGE else f"accuracy ({task})")
-    ax.set_title("Accuracy vs expert compute")
+    if task == AVERAGE:
+        ax.set_ylabel("accuracy (task average)")
+        ax.set_title("Accuracy vs expert compute")
+    else:
+        m = _metric_of(rep, task)
+        if (d["scale"] == "log").all() and (d["value"].dropna() > 0).all():
+            ax.set_yscale("log")
+        ax.set_ylabel(f"{m} (lower is better)")
+        ax.set_title(f"{task}: {m} vs expert compute")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[1]:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8)
-    return fig
 
 
 # --------------------------------------------------------------------------- CLI
@@ -757,7 +922,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", default="md", choices=("md", "csv", "json"), help="md (default), csv or json")
     parser.add_argument("--output", default=None, metavar="FILE", help="write here instead of stdout")
     parser.add_argument("--plot", default=None, metavar="FILE.png",
-                        help="accuracy vs mean experts per token, one curve per rule")
+                        help="accuracy (and each lower-is-better metric) vs mean experts per token, one curve per rule")
 
 
 def _check_writable(flag: str, path) -> Path:
@@ -804,7 +969,7 @@ def report(paths, fmt="md", output=None, plot=None, err=None) -> tuple[str, "pd.
     rep = build_report(df)
     undefined = undefined_settings(rep) if not rep.empty else []
     if undefined:
-        print("lm-eval-bh report: undefined accuracy (NaN), so no average, Pareto mark or Δ for: "
+        print("lm-eval-bh report: undefined metric (NaN), so no average, Pareto mark or Δ for: "
               + "; ".join(undefined), file=err)
     text = render(rep, fmt)
     if output:

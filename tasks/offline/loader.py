@@ -1,6 +1,7 @@
 """Loader for the offline tasks: reads the jsonl files next to this file.
 
-Used from the task YAMLs as ``custom_dataset: !function loader.load_offline`` with
+Used from the task YAMLs as ``custom_dataset: !function loader.load_offline`` (multiple choice) or
+``loader.load_text`` (documents, for perplexity) with
 ``dataset_kwargs: {file: <name>.jsonl}``; lm-eval resolves ``!function`` relative to the
 YAML's folder, so the data load regardless of the current directory.  Header records
 (``{"_meta": ...}``, which keep BIG-bench's canary string) are skipped.
@@ -14,22 +15,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def read_records(file: str) -> list[dict]:
+def _jsonl(file: str) -> list[dict]:
     path = Path(file)
     if not path.is_absolute():
         path = HERE / path
-    out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            rec = json.loads(line)
-            if "_meta" in rec:
-                continue
-            out.append({"question": rec["question"], "choices": list(rec["choices"]),
-                        "label": int(rec["label"]), "subject": rec.get("subject", "")})
-    return out
+        return [rec for rec in map(json.loads, filter(str.strip, f)) if "_meta" not in rec]
+
+
+def read_records(file: str) -> list[dict]:
+    return [{"question": rec["question"], "choices": list(rec["choices"]), "label": int(rec["label"]),
+             "subject": rec.get("subject", "")} for rec in _jsonl(file)]
 
 
 def load_offline(file: str, split: str = "test", **_ignored):
@@ -40,3 +36,11 @@ def load_offline(file: str, split: str = "test", **_ignored):
     import datasets
 
     return datasets.DatasetDict({split: datasets.Dataset.from_list(read_records(file))})
+
+
+def load_text(file: str, split: str = "test", **_ignored):
+    """Like `load_offline`, for documents: records ``{"text", "topic"}``."""
+    import datasets
+
+    records = [{"text": rec["text"], "topic": rec.get("topic", "")} for rec in _jsonl(file)]
+    return datasets.DatasetDict({split: datasets.Dataset.from_list(records)})
