@@ -1,5 +1,7 @@
 import os
+import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,6 +56,28 @@ def tiny_model_dir(tmp_path_factory):
     from lm_eval_bh.tiny import build_tiny_olmoe
 
     return build_tiny_olmoe(tmp_path_factory.mktemp("tiny-olmoe"))
+
+
+@pytest.fixture(scope="session")
+def task_manager():
+    """lm-eval's TaskManager with the offline tasks (tasks/): its index of lm-eval's own tasks takes
+    seconds to build, so the in-process evaluations share one."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(ROOT / "tasks"))
+
+
+def run_concurrently(jobs: dict, workers: int = 2) -> dict:
+    """{name: CompletedProcess} for {name: (argv, extra subprocess.run kwargs)}, `workers` at a time.
+    A command line of lm-eval spends most of its time in imports and in building lm-eval's task index,
+    one core each: two at a time fill a two-core machine."""
+    def run(argv, kw):
+        kw = {"env": dict(subprocess_env(), OMP_NUM_THREADS="1"), **kw}
+        return subprocess.run(argv, capture_output=True, text=True, timeout=600, **kw)
+
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {name: pool.submit(run, argv, kw) for name, (argv, kw) in jobs.items()}
+    return {name: future.result() for name, future in futures.items()}
 
 
 def module_state(model: torch.nn.Module) -> dict:

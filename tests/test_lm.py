@@ -7,23 +7,18 @@ from pathlib import Path
 
 import lm_eval
 import pytest
-from conftest import subprocess_env
-from lm_eval.tasks import TaskManager
+from conftest import run_concurrently, subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = str(REPO / "tasks")
 LIMIT = 24
 
 
-@pytest.fixture(scope="module")
-def task_manager():
-    return TaskManager(include_path=TASKS)
-
-
-def _evaluate(model, model_args, task_manager, tasks=("mmlu_dev_offline", "bigbench_strategyqa_offline"), **kw):
+def _evaluate(model, model_args, task_manager, tasks=("mmlu_dev_offline", "bigbench_strategyqa_offline"),
+              limit=LIMIT, **kw):
     return lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=list(tasks), task_manager=task_manager,
-        limit=LIMIT, device="cpu", **kw,
+        limit=limit, device="cpu", **kw,
     )
 
 
@@ -31,15 +26,67 @@ def _run(cmd, **kw):
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, **kw)
 
 
-def test_stock_cli_finds_olmoe_bh_and_writes_routing_stats(tiny_model_dir, tmp_path):
-    out = tmp_path / "out"
-    proc = _run([
-        "lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=0.2,min_k=1",
-        "--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline", "--limit", "8",
-        "--output_path", str(out),
-    ])
+LOAD_TIMED = """
+import sys, time
+from lm_eval.api.registry import get_model
+from lm_eval_bh import RoutingError
+t = time.monotonic()
+try:
+    get_model("olmoe_bh").create_from_arg_string(sys.argv[1], {"device": "cpu"})
+except RoutingError as e:
+    print(round(time.monotonic() - t, 2)); print(e)
+"""
+UNLOADABLE = [
+    ("nobody/no-such-model", "1", "couldn't connect"),          # offline mode
+    ("nobody/no-such-model", "0", "cannot be reached"),         # online mode, hub unreachable
+    ("/no/such/folder", "0", "no such folder"),
+]
+
+
+@pytest.fixture(scope="module")
+def lm_eval_cli(tiny_model_dir, task_manager, tmp_path_factory):
+    """The command lines of this file, each run once, two at a time: {name: CompletedProcess}, plus
+    "root" (their folder) and "cache_rows" (lm-eval's request cache as the stock model filled it,
+    read before the routed run that must refuse it)."""
+    import sqlite3
+
+    root = tmp_path_factory.mktemp("lm_eval_cli")
+    tiny = f"pretrained={tiny_model_dir}"
+    common = ["--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline"]
+    cache = root / "cache"  # filled by the stock model, as `lm_eval --model hf ... --use_cache` does
+    _evaluate("hf", tiny, task_manager, tasks=["mmlu_dev_offline"], limit=4, use_cache=str(cache))
+    with sqlite3.connect(root / "cache_rank0.db") as con:
+        cache_rows = con.execute('SELECT key, value FROM "unnamed" ORDER BY key').fetchall()
+    runs = run_concurrently({
+        # with --output_path: the results file, and the routing table after lm-eval's
+        "stock": (["lm_eval", "--model", "olmoe_bh", "--model_args", f"{tiny},alpha=0.2,min_k=1", *common,
+                   "--limit", "8", "--output_path", str(root / "out")], {}),
+        # `python -m lm_eval run` in another folder, without --output_path
+        "python_m": ([sys.executable, "-m", "lm_eval", "run", "--model", "olmoe_bh", "--model_args",
+                      f"{tiny},alpha=0.01", *common, "--limit", "4"], {"cwd": root}),
+        "use_cache": (["lm_eval", "--model", "olmoe_bh", "--model_args", f"{tiny},alpha=0.01", *common,
+                       "--limit", "4", "--use_cache", str(cache)], {"cwd": root}),
+        "bad_alpha": (["lm_eval", "--model", "olmoe_bh", "--model_args", f"{tiny},alpha=2", *common], {}),
+        "typo": (["lm_eval", "--model", "olmoe_bh", "--model_args", f"{tiny},alpah=0.1", *common], {}),
+        # HF_HUB_OFFLINE=1, and OLMoE-1B-7B (the default pretrained) is not in the cache
+        "default_model_offline": (["lm_eval", "--model", "olmoe_bh", "--model_args", "alpha=0.1", *common],
+                                  {"cwd": root}),
+        # lm-eval's registry outside any checkout: ours and lm-eval's own models
+        "registry": ([sys.executable, "-c", "from lm_eval.api.registry import get_model; "
+                      "print(get_model('olmoe_bh').__name__, get_model('hf').__name__)"], {"cwd": "/"}),
+        **{f"unloadable {pretrained} {offline}": (
+            [sys.executable, "-c", LOAD_TIMED, f"pretrained={pretrained}"],
+            {"env": dict(subprocess_env(), OMP_NUM_THREADS="1", HF_HUB_OFFLINE=offline,
+                         HF_ENDPOINT="http://127.0.0.1:9")})  # port 9: closed
+           for pretrained, offline, _ in UNLOADABLE},
+    })
+    return {**runs, "root": root, "cache_rows": cache_rows}
+
+
+def test_stock_cli_finds_olmoe_bh_and_writes_routing_stats(lm_eval_cli):
+    proc = lm_eval_cli["stock"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (results_file,) = out.rglob("results_*.json")
+    (results_file,) = (lm_eval_cli["root"] / "out").rglob("results_*.json")
     routing = json.loads(results_file.read_text())["config"]["routing"]
     assert routing["settings"]["alpha"] == 0.2
     assert 1 <= routing["mean_experts_per_token"] <= routing["settings"]["max_k"]
@@ -49,6 +96,24 @@ def test_stock_cli_finds_olmoe_bh_and_writes_routing_stats(tiny_model_dir, tmp_p
     # the terminal: lm-eval's table, then the routing table with the same numbers
     table = proc.stdout[proc.stdout.index("Metric"):]
     assert_routing_table(table[table.index("\nrouting "):], routing)
+
+
+def test_diagnostics_in_a_real_lm_eval_results_file(lm_eval_cli):
+    """The per-layer diagnostics of the same results file, through the typed schema (results_schema)."""
+    from test_diagnostics import KEYS
+
+    from lm_eval_bh.results_schema import routing_block
+
+    (results_file,) = (lm_eval_cli["root"] / "out").rglob("results_*.json")
+    results = json.loads(results_file.read_text())
+    block = routing_block(results)
+    assert block.to_dict() == results["config"]["routing"]
+    per_layer = results["config"]["routing"]["diagnostics"]["per_layer"]
+    assert len(per_layer) == block.model.num_layers
+    for d in per_layer:
+        assert set(d) == KEYS and len(d["pvalue_histogram"]) == 20
+        assert sum(d["pvalue_histogram"]) == block.tokens * block.model.num_experts
+        assert 0 <= d["frac_raised_to_min_k"] <= 1 and 0 <= d["frac_cut_to_max_k"] <= 1 and 0 < d["pi0"] <= 1
 
 
 def assert_routing_table(text: str, routing: dict) -> None:
@@ -69,29 +134,29 @@ def assert_routing_table(text: str, routing: dict) -> None:
     assert int(rows["all tasks"][3]) == round(routing["active_params_per_token"])
 
 
-def test_python_m_lm_eval_and_builtin_models_still_registered():
-    code = (
-        "from lm_eval.api.registry import get_model; "
-        "print(get_model('olmoe_bh').__name__, get_model('hf').__name__)"
-    )
-    proc = _run([sys.executable, "-c", code], cwd="/")
+def test_python_m_lm_eval_and_builtin_models_still_registered(lm_eval_cli):
+    proc = lm_eval_cli["registry"]
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["OlmoeBHLM", "HFLM"]
 
 
-def test_python_m_lm_eval_finds_olmoe_bh(tiny_model_dir, tmp_path):
-    proc = _run([
-        sys.executable, "-m", "lm_eval", "run", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir}",
-        "--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline", "--limit", "2",
-    ], cwd=tmp_path)
+def test_python_m_lm_eval_finds_olmoe_bh_and_prints_routing_without_output_path(lm_eval_cli):
+    """`python -m lm_eval run --model olmoe_bh` from another folder, without --output_path: the routing
+    table still follows lm-eval's."""
+    proc = lm_eval_cli["python_m"]
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "mmlu_dev_offline" in proc.stdout
+    text = proc.stdout[proc.stdout.index("Metric"):]
+    assert "mmlu_dev_offline" in text
+    lines = text[text.index("\nrouting "):].strip().splitlines()
+    assert lines[0].startswith("routing bh/zscore alpha=0.01 k=1..4: top_k 4 of 16 experts"), lines[0]
+    assert [line.split("|")[1].strip() for line in lines[3:]] == ["all tasks", "mmlu_dev_offline"]
 
 
 def test_stats_are_batch_size_invariant(tiny_model_dir, task_manager):
     args = f"pretrained={tiny_model_dir},alpha=0.2"
-    stats = [
-        _evaluate("olmoe_bh", args, task_manager, batch_size=bs)["config"]["routing"] for bs in (1, 8, "auto")
+    stats = [  # 12 questions per task: several batches of 8, with padding
+        _evaluate("olmoe_bh", args, task_manager, limit=12, batch_size=bs)["config"]["routing"]
+        for bs in (1, 8, "auto")
     ]
     for other in stats[1:]:
         assert other["tokens"] == stats[0]["tokens"]
@@ -180,11 +245,8 @@ def test_bad_bounds_against_the_model_fail_before_weights_load(tiny_model_dir, m
         get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},max_k=17", {"device": "cpu"})
 
 
-def test_cli_error_is_one_line(tiny_model_dir):
-    proc = _run([
-        "lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=2",
-        "--device", "cpu", "--tasks", "mmlu_dev_offline", "--include_path", TASKS,
-    ])
+def test_cli_error_is_one_line(lm_eval_cli):
+    proc = lm_eval_cli["bad_alpha"]
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: alpha must be in (0, 1), got 2.0"
@@ -247,36 +309,20 @@ def test_olmoe_bh_defaults_to_olmoe_1b_7b(monkeypatch):
 
 # --- lm-eval's request cache, and the routing table without --output_path ---------------------
 
-def test_use_cache_is_refused_before_any_request(tiny_model_dir, tmp_path):
+def test_use_cache_is_refused_before_any_request(lm_eval_cli):
     """lm-eval's cache keys a request on the request alone: after a run that filled it (here the stock
     model), a routed run with the same cache would get the stock answers and count no tokens."""
     import sqlite3
 
-    cache = tmp_path / "cache"
-    common = ["--device", "cpu", "--include_path", TASKS, "--tasks", "mmlu_dev_offline", "--limit", "4"]
-    filled = _run(["lm_eval", "--model", "hf", "--model_args", f"pretrained={tiny_model_dir}", *common,
-                   "--use_cache", str(cache)], cwd=tmp_path)
-    assert filled.returncode == 0, filled.stderr[-2000:]
-    (db,) = tmp_path.glob("cache_rank0.db")
-
-    def cached():
-        with sqlite3.connect(db) as con:
-            return con.execute('SELECT key, value FROM "unnamed" ORDER BY key').fetchall()
-
-    before = cached()
+    before = lm_eval_cli["cache_rows"]
     assert len(before) == 4 * 4  # 4 questions x 4 choices
-    routed = ["lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=0.01", *common]
-    refused = _run([*routed, "--use_cache", str(cache)], cwd=tmp_path)
+    refused = lm_eval_cli["use_cache"]
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert refused.stderr.strip().splitlines()[-1].startswith("error: --use_cache cannot be used with adaptive routing")
-    assert "Cached requests" not in refused.stderr and cached() == before
-    # the same run without the cache works, and prints its routing table after lm-eval's (no --output_path)
-    ran = _run(routed, cwd=tmp_path)
-    assert ran.returncode == 0, ran.stderr[-2000:]
-    text = ran.stdout[ran.stdout.index("Metric"):]
-    lines = text[text.index("\nrouting "):].strip().splitlines()
-    assert lines[0].startswith("routing bh/zscore alpha=0.01 k=1..4: top_k 4 of 16 experts"), lines[0]
-    assert [line.split("|")[1].strip() for line in lines[3:]] == ["all tasks", "mmlu_dev_offline"]
+    assert "Cached requests" not in refused.stderr
+    with sqlite3.connect(lm_eval_cli["root"] / "cache_rank0.db") as con:
+        assert con.execute('SELECT key, value FROM "unnamed" ORDER BY key').fetchall() == before
+    # the same command line without --use_cache runs: test_python_m_lm_eval_finds_olmoe_bh_and_prints_...
 
 
 def test_use_cache_is_refused_from_python(tiny_model_dir, task_manager, tmp_path):
@@ -288,11 +334,8 @@ def test_use_cache_is_refused_from_python(tiny_model_dir, task_manager, tmp_path
 
 # --- first contact: typos and unreachable models are one line, before any weights load --------
 
-def test_cli_typo_of_a_routing_argument_names_the_closest_one(tiny_model_dir):
-    proc = _run([
-        "lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpah=0.1",
-        "--device", "cpu", "--tasks", "mmlu_dev_offline", "--include_path", TASKS,
-    ])
+def test_cli_typo_of_a_routing_argument_names_the_closest_one(lm_eval_cli):
+    proc = lm_eval_cli["typo"]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown model_arg 'alpah': did you mean 'alpha'?")
 
@@ -326,38 +369,17 @@ def test_genuine_downstream_model_args_pass_through(tiny_model_dir):
     assert lm.routing.config.max_k == 2
 
 
-def test_cli_unknown_model_offline_is_one_line_with_the_ways_forward(tmp_path):
-    proc = _run([
-        "lm_eval", "--model", "olmoe_bh", "--model_args", "alpha=0.1", "--device", "cpu",
-        "--tasks", "mmlu_dev_offline", "--include_path", TASKS,
-    ], cwd=tmp_path)  # HF_HUB_OFFLINE=1, and OLMoE-1B-7B is not in the cache
+def test_cli_unknown_model_offline_is_one_line_with_the_ways_forward(lm_eval_cli):
+    proc = lm_eval_cli["default_model_offline"]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: could not load the model 'allenai/OLMoE-1B-7B-0924'")
     assert "pretrained=<a local folder" in last and "lm-eval-bh demo" in last
 
 
-LOAD_TIMED = """
-import sys, time
-from lm_eval.api.registry import get_model
-from lm_eval_bh import RoutingError
-t = time.monotonic()
-try:
-    get_model("olmoe_bh").create_from_arg_string(sys.argv[1], {"device": "cpu"})
-except RoutingError as e:
-    print(round(time.monotonic() - t, 2)); print(e)
-"""
-
-
-@pytest.mark.parametrize("pretrained, offline, reason", [
-    ("nobody/no-such-model", "1", "couldn't connect"),          # offline mode
-    ("nobody/no-such-model", "0", "cannot be reached"),         # online mode, hub unreachable
-    ("/no/such/folder", "0", "no such folder"),
-])
-def test_unloadable_pretrained_fails_fast(pretrained, offline, reason):
-    env = dict(subprocess_env(), HF_HUB_OFFLINE=offline, HF_ENDPOINT="http://127.0.0.1:9")  # port 9: closed
-    proc = subprocess.run([sys.executable, "-c", LOAD_TIMED, f"pretrained={pretrained}"], capture_output=True,
-                          text=True, env=env, timeout=300)
+@pytest.mark.parametrize("pretrained, offline, reason", UNLOADABLE)
+def test_unloadable_pretrained_fails_fast(lm_eval_cli, pretrained, offline, reason):
+    proc = lm_eval_cli[f"unloadable {pretrained} {offline}"]
     seconds, message = proc.stdout.strip().splitlines()
     assert message.startswith(f"could not load the model '{pretrained}'") and reason in message, message
     assert float(seconds) < 30, seconds  # transformers' own retries against an unreachable hub: over a minute
