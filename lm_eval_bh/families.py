@@ -235,13 +235,24 @@ class MoELayer:
         """The router weight (experts x hidden)."""
         return self._linear().weight
 
+    @property
+    def _scores_in_float32(self) -> bool:
+        # routers of the sigmoid/bias kind score in float32
+        return self.weight.dtype == torch.float32 or self.score != "softmax" or self.family.bias is not None
+
+    @property
+    def scores_dtype(self) -> torch.dtype:
+        """The dtype of the selection scores `scores` returns (hidden states in the router weight's dtype)."""
+        capped = bool(self.family.softcap) and (getattr(self.router, self.family.softcap, 0.0) or 0.0) > 0
+        return torch.float32 if self._scores_in_float32 or capped else self.weight.dtype
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The router logits as the stock router computes them (the first output it returns)."""
         linear = self._linear()
         weight, bias = linear.weight, getattr(linear, "bias", None)
         hidden = hidden.reshape(-1, weight.shape[-1])
-        if weight.dtype == torch.float32 or self.score != "softmax" or self.family.bias is not None:
-            hidden = hidden.float()  # routers of the sigmoid/bias kind score in float32
+        if self._scores_in_float32:
+            hidden = hidden.float()
         logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
         cap = getattr(self.router, self.family.softcap, 0.0) if self.family.softcap else 0.0
         if cap and cap > 0:

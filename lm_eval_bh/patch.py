@@ -100,6 +100,8 @@ class BHRouting:
                 self._patch_layer(i, layer)
             if cfg.mode == "patch" and not self.fixed and not cfg.fixed_k:
                 self._use_dispatch(model, layers)
+            if cfg.mode == "patch" and not self.fixed:
+                self._warm_up_kernel(layers, devices)
             for handle in (
                 model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 model.register_forward_hook(self._after_forward),
@@ -144,6 +146,14 @@ class BHRouting:
         self._undo.append(lambda: model.set_experts_implementation(stock))
         if any(l.experts.config._experts_implementation != name for l in layers):
             raise RoutingError(f"{type(model).__name__} did not take the padding-aware experts implementation")
+
+    def _warm_up_kernel(self, layers: list[MoELayer], devices: list[torch.device]) -> None:
+        """Start compiling the fused router kernel in the background for each GPU the routers run on."""
+        fused = _routing_kernel() if self.kernel in ("auto", "triton") else None
+        if fused is None or not fused.supports_config(self.config):
+            return
+        for device in dict.fromkeys(d for d in devices if d.type == "cuda"):
+            fused.warm_up(self.config, layers[0].num_experts, layers[0].scores_dtype, device)
 
     def _set_forward(self, module: torch.nn.Module, forward) -> None:
         attr = "forward"
@@ -206,7 +216,16 @@ class BHRouting:
         if kernel == "triton" or (kernel == "auto" and logits.is_cuda):
             fused = _routing_kernel()
             if fused is not None and fused.supports(self.config, logits, null, allowed):
-                return fused.route(logits, self.config)
+                try:
+                    return fused.route(logits, self.config)
+                except (RoutingError, torch.cuda.OutOfMemoryError):
+                    raise
+                except Exception as e:  # e.g. no Triton backend for this GPU: "auto" routes by the reference
+                    if kernel == "triton":
+                        raise
+                    warnings.warn(f"lm-eval-bh: the fused router kernel failed ({type(e).__name__}: {e}); "
+                                  "routing with the reference implementation")
+                    self.kernel = kernel = "torch"
         if kernel == "compile" and logits.is_cuda:
             try:
                 return _compiled_route()(logits, self.config, null=null, allowed=allowed)

@@ -8,12 +8,13 @@ comparisons; the median and quartiles are read at their ranks; the p-values, the
 selection follow in registers; the outputs are `routing.Routed`'s.
 
 Exactness: the arithmetic is the reference's, operation by operation, in float32 with correctly rounded
-division and square root, no fused multiply-add, and CUDA's own `erfc`/`log1p` (libdevice: the
-functions torch's CUDA kernels call). On a GPU the p-values, hence the BH counts and the selected
-experts, are then expected to equal the reference's bit for bit (bench/bench.py checks it on the
-device); only the softmax weights may differ in the last bit (another summation order). Under Triton's
-CPU interpreter (the tests) libdevice is missing: `erfc` is then Numerical Recipes' erfcc (relative
-error < 1.2e-7) and log1p the compensated log(1 + u), so there the p-values agree to ~1e-6.
+division and square root, no fused multiply-add, CUDA's own `erfc`/`log1p`/`exp` (libdevice: the
+functions torch's CUDA kernels call), and the softmax sum in the order of torch's CUDA softmax. On a GPU
+the p-values, the BH counts, the selected experts and the weights then equal the reference's bit for bit
+(bench/bench.py checks it on the device; with renormalize=true the renormalising sum may differ in the
+last bit). Under Triton's CPU interpreter (the tests) libdevice is missing: `erfc` is then Numerical
+Recipes' erfcc (relative error < 1.2e-7) and log1p the compensated log(1 + u), so there the p-values
+agree to ~1e-6 and the rest exactly.
 
 Supported: pvalue=zscore with selection=bh, no `allowed` mask, at most 1024 experts; `supports` says
 so, and the patch routes everything else through `routing.route`.
@@ -21,8 +22,10 @@ so, and the patch routes everything else through `routing.route`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -31,7 +34,7 @@ from triton.language.extra import libdevice
 
 from .routing import _IQR_TO_SIGMA, _NU_C, _NU_D, _SQRT1_2, NONFINITE_LOGIT, Routed, _bh_factor
 
-__all__ = ["SUPPORTED", "supports", "supports_config", "route"]
+__all__ = ["SUPPORTED", "supports", "supports_config", "route", "warm_up"]
 
 MAX_EXPERTS = 1024
 
@@ -74,6 +77,44 @@ def _erfc(x, LIBDEVICE: tl.constexpr):
                 -0.82215223 + t * 0.17087277))))))))
         r = t * tl.exp(-z * z + poly)
         return tl.where(x >= 0, r, 2.0 - r)
+
+@triton.jit
+def _exp(x, LIBDEVICE: tl.constexpr):
+    if LIBDEVICE:
+        return libdevice.exp(x)  # CUDA's expf (tl.exp is the faster, less exact ex2.approx)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _halve(s, HALF: tl.constexpr):
+    # one butterfly step of a warp reduction: lane l adds lane l ^ HALF (the same sum for both lanes)
+    return tl.sum(tl.reshape(s, (2, HALF)), axis=0)
+
+
+@triton.jit
+def _softmax_sum(e, rank, BLOCK_E: tl.constexpr):
+    """sum(e) in the order of torch's CUDA softmax (softmax_warp_forward) over the experts sorted by rank:
+    lane l of a warp of W = min(BLOCK_E, 32) lanes adds the sorted values l, l + W, l + 2W, ... in turn,
+    then the lanes are combined by a butterfly. Same order, same roundings: the same float32 sum."""
+    W: tl.constexpr = 32 if BLOCK_E > 32 else BLOCK_E
+    lane = tl.arange(0, W)
+    s = tl.zeros([W], dtype=tl.float32)
+    for it in tl.static_range(0, BLOCK_E // W):
+        # the sorted values it*W + lane: one match per lane, so the masked sum is exact
+        s += tl.sum(tl.where(rank[None, :] == (it * W + lane)[:, None], e[None, :], 0.0), axis=1)
+    if W >= 32:
+        s = _halve(s, 16)
+    if W >= 16:
+        s = _halve(s, 8)
+    if W >= 8:
+        s = _halve(s, 4)
+    if W >= 4:
+        s = _halve(s, 2)
+    if W >= 2:
+        s = _halve(s, 1)
+    return tl.sum(s, axis=0)
+
 
 @triton.jit
 def _log1p(u, LIBDEVICE: tl.constexpr):
@@ -161,16 +202,17 @@ def route_kernel(
     dead = tl.max(x, axis=0) == NEG  # no finite logit
     k = tl.where(dead, dead_k, tl.minimum(tl.maximum(found, min_k), max_k))
 
-    # weights: the router's softmax probabilities of the selected experts (routing.route)
+    # weights: the router's softmax probabilities of the selected experts (routing.route), summed in the
+    # order torch's softmax sums the sorted logits
     valid = rank < k
-    e = tl.where(real, tl.exp(x - tl.max(x, axis=0)), 0.0)
-    prob = tl.math.div_rn(e, tl.sum(e, axis=0))
+    e = tl.where(real, _exp(x - tl.max(x, axis=0), LIBDEVICE), 0.0)
+    prob = tl.math.div_rn(e, _softmax_sum(e, rank, BLOCK_E))
     weight = tl.where(valid, prob, 0.0)
-    uniform = valid.to(tl.float32) / k.to(tl.float32)
-    if RENORMALIZE:
+    if RENORMALIZE:  # (torch's sum over the slots may add in another order: the last bit can differ)
         total = tl.sum(weight, axis=0)
+        uniform = tl.math.div_rn(valid.to(tl.float32), k.to(tl.float32))
         weight = tl.where(total > 0.0, tl.math.div_rn(weight, tl.maximum(total, 1.1754943508222875e-38)), uniform)
-    weight = tl.where(dead, valid.to(tl.float32) / dead_k, weight)
+    weight = tl.where(dead, tl.math.div_rn(valid.to(tl.float32), dead_k.to(tl.float32)), weight)
 
     slot = rank < max_k
     tl.store(index_ptr + row * max_k + rank, tl.where(valid, j, E).to(tl.int64), mask=slot)
@@ -192,8 +234,34 @@ def _factor(m: int, device: torch.device) -> torch.Tensor:
     return _FACTORS[key]
 
 
-def route(logits: torch.Tensor, cfg) -> Routed:
+_WARMING: dict = {}  # (experts, dtype, renormalize, device) -> the thread compiling the kernel for them
+
+
+def warm_up(cfg, num_experts: int, dtype: torch.dtype, device: torch.device) -> None:
+    """Compile the kernel for these settings in a background thread: Triton's first compilation in a
+    process takes ~2 s, which then overlaps lm-eval's own set-up (building tasks and requests) instead of
+    delaying the first forward. `route` waits for it rather than compiling a second time."""
+    key = (num_experts, dtype, bool(cfg.renormalize), device)
+    if key in _WARMING:
+        return
+
+    def compile_once():
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                route(torch.zeros(1, num_experts, dtype=dtype, device=device), cfg, wait=False)
+        except Exception:  # the first real call compiles again and reports the error there
+            pass
+
+    thread = _WARMING[key] = threading.Thread(target=compile_once, name="lm-eval-bh-router-warm-up", daemon=True)
+    thread.start()
+
+
+def route(logits: torch.Tensor, cfg, wait: bool = True) -> Routed:
     """`routing.route(logits, cfg)` for a config and input that `supports` accepts, in one launch."""
+    if wait and _WARMING:
+        thread = _WARMING.get((logits.shape[-1], logits.dtype, bool(cfg.renormalize), logits.device))
+        if thread is not None and thread.is_alive():
+            thread.join()
     tokens, num_experts = logits.shape
     max_k = cfg.max_k
     x = logits if logits.stride(-1) == 1 else logits.contiguous()

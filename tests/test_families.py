@@ -125,6 +125,15 @@ def test_full_k_reproduces_stock(family, monkeypatch):
             assert routing.summary()["mean_experts_per_token"] == top_k
 
 
+def test_scores_dtype_matches_the_scores(family):
+    """MoELayer.scores_dtype (what the fused router kernel is compiled for ahead of the first forward) is the
+    dtype the family's selection scores come in, for a bfloat16 model too."""
+    model = build(family).to(torch.bfloat16)
+    for layer in find_moe_layers(model)[:1]:
+        hidden = torch.randn(3, layer.weight.shape[-1], dtype=torch.bfloat16)
+        assert layer.scores(hidden)[1].dtype == layer.scores_dtype
+
+
 def test_variable_k_padding_free_and_cost(family):
     """k stays in [min_k, max_k] and varies; the patched experts module gives, for each token, what the
     stock experts module gives on that token's real slots alone. The cost columns: one expert's

@@ -130,3 +130,27 @@ def test_router_kernel_argument_errors():
         check_kernel("triton", True, cfg)
     with pytest.raises(RoutingError, match="router_kernel=triton computes pvalue=zscore with selection=bh"):
         check_kernel("triton", None, RoutingConfig(selection="hc"))
+
+
+
+def test_warm_up_compiles_in_the_background_and_route_waits_for_it():
+    cfg = RoutingConfig(alpha=0.1, min_k=1, max_k=4).resolve(16, 4, False)
+    device = torch.device(DEVICE)
+    routing_kernel.warm_up(cfg, 16, torch.float32, device)
+    thread = routing_kernel._WARMING[(16, torch.float32, False, device)]
+    x = _logits(8, 16, seed=9).to(DEVICE)
+    _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
+    assert not thread.is_alive()
+    routing_kernel.warm_up(cfg, 16, torch.float32, device)  # once per setting: no second thread
+    assert routing_kernel._WARMING[(16, torch.float32, False, device)] is thread
+
+
+def test_explicit_triton_kernel_errors_are_not_swallowed(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no backend")
+
+    monkeypatch.setattr(routing_kernel, "route", broken)
+    model = make_olmoe()
+    with BHRouting(alpha=0.2, min_k=1, max_k=8, kernel="triton").patch(model):
+        with pytest.raises(RuntimeError, match="no backend"):
+            model(torch.tensor([[5, 6, 7]]))
