@@ -62,6 +62,8 @@ from lm_eval_bh.lm import MoEBHLM  # noqa: E402
 from lm_eval_bh.patch import BHRouting  # noqa: E402
 from lm_eval_bh.routing import RoutingConfig  # noqa: E402
 
+EXACT_MIN_PAIRS = dispatch.EXACT_MIN_PAIRS  # the product's default
+
 TOKENIZER = REPO / "lm_eval_bh" / "assets" / "tokenizer"
 INCLUDE = [str(REPO / "tasks" / "offline"), str(REPO / "bench" / "tasks")]
 
@@ -142,10 +144,12 @@ def apply_setting(name: str, lms: dict, alphas: dict, top_k: int):
             r.top_k = top_k if name == "hf8" else top_k // 2
         return lm
     lm = lms["bh"]
-    base = name.rstrip("ce")  # a trailing "c" / "e": the same setting, router compiled / eager reference
+    base = name.rstrip("cep")  # a trailing "c" / "e": the same setting, router compiled / eager reference;
+    # "p": the experts dispatch never syncs (its padded strategy at every size)
     wanted = (dict(min_k=top_k, max_k=top_k) if base == "bh8"
               else dict(alpha=alphas[base], min_k=1, max_k=top_k))
-    kernel = {"c": "compile", "e": "torch"}[name[-1]] if name != base else lms["router_kernel"]
+    kernel = {"c": "compile", "e": "torch"}.get(name[-1], lms["router_kernel"])
+    dispatch.EXACT_MIN_PAIRS = 1 << 62 if name.endswith("p") else EXACT_MIN_PAIRS
     current = lm.routing_config
     if any(getattr(current, k) != v for k, v in wanted.items()) or lm._router_kernel != kernel:
         lm._router_kernel = kernel

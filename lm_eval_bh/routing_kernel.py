@@ -266,12 +266,12 @@ def route(logits: torch.Tensor, cfg, wait: bool = True) -> Routed:
     max_k = cfg.max_k
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     device = x.device
-    index = torch.empty(tokens, max_k, dtype=torch.long, device=device)
-    weight = torch.empty(tokens, max_k, dtype=torch.float32, device=device)
-    k = torch.empty(tokens, dtype=torch.long, device=device)
-    found = torch.empty(tokens, dtype=torch.long, device=device)
+    # three allocations (each costs host time in a launch-bound forward), every output a contiguous view
+    ints = torch.empty(tokens * (max_k + 2), dtype=torch.long, device=device)
+    floats = torch.empty(tokens * (max_k + num_experts), dtype=torch.float32, device=device)
+    index, (k, found) = ints[: tokens * max_k].view(tokens, max_k), ints[tokens * max_k:].view(2, tokens)
+    weight, p = floats[: tokens * max_k].view(tokens, max_k), floats[tokens * max_k:].view(tokens, num_experts)
     nonfinite = torch.empty(tokens, dtype=torch.int8, device=device)
-    p = torch.empty(tokens, num_experts, dtype=torch.float32, device=device)
     if tokens:
         block_e = triton.next_power_of_2(num_experts)
         args = (x, x.stride(0), _factor(num_experts, device), index, weight, k, found, nonfinite, p,

@@ -150,7 +150,7 @@ def test_explicit_triton_kernel_errors_are_not_swallowed(monkeypatch):
         raise RuntimeError("no backend")
 
     monkeypatch.setattr(routing_kernel, "route", broken)
-    model = make_olmoe()
+    model = make_olmoe().to(DEVICE)
     with BHRouting(alpha=0.2, min_k=1, max_k=8, kernel="triton").patch(model):
         with pytest.raises(RuntimeError, match="no backend"):
-            model(torch.tensor([[5, 6, 7]]))
+            model(torch.tensor([[5, 6, 7]], device=DEVICE))
