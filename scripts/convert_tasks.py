@@ -118,8 +118,11 @@ def convert_mmlu() -> tuple[list[dict], dict]:
 # --------------------------------------------------------------------------- pydoc prose
 def pydoc_documents(topics: dict, min_chars: int = PYDOC_MIN_CHARS) -> list[dict]:
     """The topics of the second half of the sorted list, each cut into documents of whole paragraphs
-    (blank-line separated) of at least ``min_chars`` characters (a topic's short tail joins its last one)."""
+    (blank-line separated) of at least ``min_chars`` characters (a topic's short tail joins its last
+    one). Documents with a paragraph that also occurs in the first half (some topics repeat others'
+    text) are left out: the real model is fitted on the start of the first half."""
     names = sorted(topics)
+    first_half = "\n\n".join(topics[k] for k in names[: len(names) // 2])
     docs = []
     for name in names[len(names) // 2:]:
         paras = [p.rstrip() for p in re.split(r"\n\s*\n", topics[name].strip()) if p.strip()]
@@ -134,7 +137,7 @@ def pydoc_documents(topics: dict, min_chars: int = PYDOC_MIN_CHARS) -> list[dict
                 docs[-1]["text"] += "\n\n" + "\n\n".join(cur)
             else:
                 docs.append({"topic": name, "text": "\n\n".join(cur)})
-    return docs
+    return [d for d in docs if not any(p.strip() in first_half for p in re.split(r"\n\s*\n", d["text"]) if p.strip())]
 
 
 def convert_pydoc() -> tuple[list[dict], dict]:
@@ -152,7 +155,7 @@ def convert_pydoc() -> tuple[list[dict], dict]:
         "license": "PSF-2.0",
         "selection": (f"{len(records)} of the {n_total} documents (whole paragraphs, >= {PYDOC_MIN_CHARS} characters) "
                       f"of the topics '{names[len(names) // 2]}' to '{names[-1]}' (the second half of the sorted "
-                      f"topic list), random.Random({SAMPLE_SEED}).sample order; the real model is fitted on the first "
+                      f"topic list; none with a paragraph that the first half repeats), random.Random({SAMPLE_SEED}).sample order; the real model is fitted on the first "
                       f"8,192 tokens of the sorted topics, which end before topic '{_calibration_end(mod.topics)}' "
                       "even at 16 characters a token"),
     }

@@ -182,3 +182,20 @@ def test_models_command_lists_and_prints_paths(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "unknown embedded model 'huge'; allowed: tiny, real" in p.stderr
     assert os.listdir(tmp_path) == [folder.name]
+
+
+def test_perplexity_task_documents_are_held_out(dense):
+    """No document of the perplexity task occurs in the text the real model is fitted on (the first
+    2 x CAL_TOKENS tokens of the calibration text: its even chunks, and the odd ones between them)."""
+    tok = dense[1]
+    ids = tok(real.calibration_text(), add_special_tokens=False)["input_ids"]
+    fitted = tok.decode(ids[: 2 * real.CAL_TOKENS])
+    path = Path(__file__).resolve().parents[1] / "tasks" / "offline" / "pydoc_heldout.jsonl"
+    docs = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(docs) == 100 and len(fitted) > 20_000
+
+    def seen(text):  # a paragraph of `text` occurs in the fitted text
+        return any(p.strip() in fitted for p in text.split("\n\n") if len(p.strip()) >= 40)
+
+    assert not [d for d in docs if seen(d)]
+    assert all(seen(real.calibration_text()[i:i + 600]) for i in range(0, 20_000, 997))  # the check can fail

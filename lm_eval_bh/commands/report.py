@@ -134,48 +134,35 @@ def higher_is_better(data: dict, task: str, metric: str) -> bool:
     recorded = ((data.get("higher_is_better") or {}).get(task) or {}).get(metric)
     if isinstance(recorded, bool):
         return recorded
-    registered = _registry_direction(metric)
+    registered = _registered(metric)[0]
     return True if registered is None else registered
 
 
 def metric_scale(data: dict, task: str, metric: str) -> str:
     """'log' for a metric lm-eval aggregates as a perplexity (exp of a mean negative log-likelihood):
     mixing two settings over the tokens mixes its logarithm, so that is where it is interpolated;
-    'linear' for every other metric."""
+    'linear' for every other metric. The aggregation is the task's (its config) or lm-eval's default."""
     agg = None
     for m in ((data.get("configs") or {}).get(task) or {}).get("metric_list") or []:
         if isinstance(m, dict) and m.get("metric") == metric and isinstance(m.get("aggregation"), str):
             agg = m["aggregation"]
-    return "log" if (agg or _registry_aggregation(metric)) in ("perplexity", "weighted_perplexity") else "linear"
+    return "log" if (agg or _registered(metric)[1]) in ("perplexity", "weighted_perplexity") else "linear"
 
 
 @lru_cache(maxsize=None)
-def _registry_direction(metric: str) -> bool | None:
+def _registered(metric: str) -> tuple[bool | None, str | None]:
+    """(higher_is_better, aggregation name) of a metric in lm-eval's metric registry; None where it has none."""
     if metric in ("acc", "acc_norm"):
-        return True
+        return True, "mean"  # without importing lm-eval's metrics
     try:
         import lm_eval.api.metrics  # noqa: F401  (fills lm-eval's metric registries)
-        from lm_eval.api.registry import HIGHER_IS_BETTER_REGISTRY
-
-        return HIGHER_IS_BETTER_REGISTRY.get(metric) if metric in HIGHER_IS_BETTER_REGISTRY else None
-    except Exception:  # noqa: BLE001 - lm-eval's registry unreadable: the caller's default
-        return None
-
-
-@lru_cache(maxsize=None)
-def _registry_aggregation(metric: str) -> str | None:
-    if metric in ("acc", "acc_norm"):
-        return "mean"
-    try:
-        import lm_eval.api.metrics  # noqa: F401  (fills lm-eval's metric registries)
-        from lm_eval.api.registry import AGGREGATION_REGISTRY, METRIC_AGGREGATION_REGISTRY
-
-        if metric not in METRIC_AGGREGATION_REGISTRY:
-            return None
-        fn = METRIC_AGGREGATION_REGISTRY.get(metric)
-        return next((name for name in AGGREGATION_REGISTRY if AGGREGATION_REGISTRY.get(name) is fn), None)
-    except Exception:  # noqa: BLE001
-        return None
+        from lm_eval.api.registry import AGGREGATION_REGISTRY, HIGHER_IS_BETTER_REGISTRY, METRIC_AGGREGATION_REGISTRY
+    except Exception:  # noqa: BLE001 - lm-eval's registry unreadable: the callers' defaults
+        return None, None
+    hib = HIGHER_IS_BETTER_REGISTRY.get(metric) if metric in HIGHER_IS_BETTER_REGISTRY else None
+    fn = METRIC_AGGREGATION_REGISTRY.get(metric) if metric in METRIC_AGGREGATION_REGISTRY else None
+    agg = next((name for name in AGGREGATION_REGISTRY if AGGREGATION_REGISTRY.get(name) is fn), None) if fn else None
+    return hib, agg
 
 
 def params_from_config(cfg: Any) -> dict | None:
