@@ -26,7 +26,7 @@ from .errors import RoutingError
 from .calibration import check_settings as check_calibration
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
-from .patch import BHRouting, check_kernel
+from .patch import BHRouting, check_kernel, warm_up_kernel
 from .config import RoutingConfig
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED", "routing_table"]
@@ -91,6 +91,7 @@ class MoEBHLM(HFLM):
         self._found_batch: tuple[int, int] | None = None
         self._rank_totals: dict = {}
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
+        self._dtype_arg = kwargs.get("dtype", "auto")
         super().__init__(pretrained=pretrained, **kwargs)
         self.routing = BHRouting(self.routing_config, kernel=self._router_kernel).patch(self.model)
         self._reported: dict | None = None  # the routing block of the last results (get_model_info)
@@ -109,8 +110,14 @@ class MoEBHLM(HFLM):
             super()._get_config(pretrained, **kwargs)
         except OSError as e:
             raise RoutingError(_cannot_load(pretrained, str(e).strip().split("\n")[0])) from None
-        self.routing_config.resolve(*config_shape(self._config, source=str(pretrained)))
+        resolved = self.routing_config.resolve(*config_shape(self._config, source=str(pretrained)))
         check_calibration(self.routing_config, config_shape(self._config)[0])  # the calibration file, too
+        dtype = self._dtype_arg
+        dtype = getattr(self._config, "dtype", None) if dtype in (None, "auto") else dtype
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype  # as HFLM reads it
+        if isinstance(self._device, torch.device) and isinstance(dtype, torch.dtype):
+            # the fused router kernel compiles (~2 s, once per process) while the weights load
+            warm_up_kernel(self._router_kernel, resolved, config_shape(self._config)[0], dtype, self._device)
         for name in sorted(self._downstream_args):
             guess = closest_lm_arg(name)
             if guess and not hasattr(self._config, name):  # a config field passes through (it overrides the config)

@@ -30,7 +30,7 @@ from .config import RoutingConfig, _as_bool
 from .results_schema import RoutingBlock
 from .stats import RoutingStats
 
-__all__ = ["BHRouting", "ROUTER_KERNELS", "check_kernel"]
+__all__ = ["BHRouting", "ROUTER_KERNELS", "check_kernel", "warm_up_kernel"]
 
 _OWNER = "_lm_eval_bh_routing"
 
@@ -149,11 +149,8 @@ class BHRouting:
 
     def _warm_up_kernel(self, layers: list[MoELayer], devices: list[torch.device]) -> None:
         """Start compiling the fused router kernel in the background for each GPU the routers run on."""
-        fused = _routing_kernel() if self.kernel in ("auto", "triton") else None
-        if fused is None or not fused.supports_config(self.config):
-            return
-        for device in dict.fromkeys(d for d in devices if d.type == "cuda"):
-            fused.warm_up(self.config, layers[0].num_experts, layers[0].scores_dtype, device)
+        for device in dict.fromkeys(devices):
+            warm_up_kernel(self.kernel, self.config, layers[0].num_experts, layers[0].scores_dtype, device)
 
     def _set_forward(self, module: torch.nn.Module, forward) -> None:
         attr = "forward"
@@ -390,6 +387,15 @@ def check_kernel(kernel, compile_router, config: RoutingConfig) -> str:
             raise RoutingError(f"router_kernel=triton computes {fused.SUPPORTED}; got pvalue={config.pvalue}, "
                                f"selection={config.selection} (use router_kernel=auto)")
     return kernel
+
+
+def warm_up_kernel(kernel: str, config: RoutingConfig, num_experts: int, dtype: torch.dtype,
+                   device: torch.device) -> None:
+    """Compile the fused router kernel for these settings in a background thread, if it will run them (a
+    resolved `config`; lm.py calls this before the weights load, so the compilation overlaps the loading)."""
+    fused = _routing_kernel() if kernel in ("auto", "triton") and device.type == "cuda" else None
+    if fused is not None and fused.supports_config(config):
+        fused.warm_up(config, num_experts, dtype, device)
 
 
 def _routing_kernel():

@@ -241,6 +241,8 @@ def warm_up(cfg, num_experts: int, dtype: torch.dtype, device: torch.device) -> 
     """Compile the kernel for these settings in a background thread: Triton's first compilation in a
     process takes ~2 s, which then overlaps lm-eval's own set-up (building tasks and requests) instead of
     delaying the first forward. `route` waits for it rather than compiling a second time."""
+    if device.type == "cuda" and device.index is None:  # "cuda" as lm-eval passes it: the current GPU
+        device = torch.device("cuda", torch.cuda.current_device())
     key = (num_experts, dtype, bool(cfg.renormalize), device)
     if key in _WARMING:
         return
