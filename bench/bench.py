@@ -735,12 +735,12 @@ def main(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the +compiled proposal (default: on CUDA only)")
     p.add_argument("--render", default=None, metavar="BENCH_JSON", help="only print the Markdown tables of a "
-                   "bench.json written earlier (and rewrite bench.md beside it)")
+                   "bench.json written earlier (and rewrite the .md of the same name beside it)")
     args = p.parse_args(argv)
     if args.render:
         res = json.loads(Path(args.render).read_text())
         md = markdown(res)
-        Path(args.render).with_name("bench.md").write_text(md + "\n")
+        Path(args.render).with_suffix(".md").write_text(md + "\n")
         print(md)
         return res
 

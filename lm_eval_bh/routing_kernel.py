@@ -145,7 +145,10 @@ def _quantile(x, rank, last, q: tl.constexpr):
     b = _at_rank(x, rank, hi.to(tl.int32))
     return a * (1.0 - frac) + b * frac
 
-@triton.jit(do_not_specialize=["stride_x", "min_k", "max_k", "dead_k"])  # one compilation per expert count
+# Not specialised on these arguments (values, pointer alignment): one compilation per expert count, dtype and
+# renormalisation, which `warm_up` can make ahead of the first call whatever the batch shape.
+@triton.jit(do_not_specialize=["stride_x", "index_ptr", "weight_ptr", "k_ptr", "found_ptr", "nonfinite_ptr", "p_ptr",
+                               "min_k", "max_k", "dead_k"])
 def route_kernel(
     x_ptr, stride_x, factor_ptr,
     index_ptr, weight_ptr, k_ptr, found_ptr, nonfinite_ptr, p_ptr,
