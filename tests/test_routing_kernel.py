@@ -154,3 +154,17 @@ def test_explicit_triton_kernel_errors_are_not_swallowed(monkeypatch):
     with BHRouting(alpha=0.2, min_k=1, max_k=8, kernel="triton").patch(model):
         with pytest.raises(RuntimeError, match="no backend"):
             model(torch.tensor([[5, 6, 7]], device=DEVICE))
+
+
+def test_router_kernel_model_arg_through_lm_eval(tiny_model_dir):
+    """router_kernel reaches olmoe_bh through lm-eval's own model construction; a bad value is one line,
+    before the weights load."""
+    from lm_eval.api.registry import get_model
+
+    import lm_eval_bh.lm  # noqa: F401  (registers olmoe_bh)
+
+    with pytest.raises(RoutingError, match="router_kernel must be one of auto, triton, torch, compile; got 'fast'"):
+        get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},router_kernel=fast", {"device": "cpu"})
+    lm = get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},router_kernel=torch,alpha=0.2",
+                                                      {"device": "cpu"})
+    assert lm.routing.kernel == "torch"

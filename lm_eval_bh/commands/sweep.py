@@ -45,7 +45,8 @@ from ..model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
 from ..model_args import parse_model_args as _parse_model_args
 
 GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection", "top_p", "calibration")
-NOT_MODEL_IDENTITY = ("pretrained", "device", "batch_size", "max_batch_size", "compile_router", "parallelize")
+NOT_MODEL_IDENTITY = ("pretrained", "device", "batch_size", "max_batch_size", "compile_router", "router_kernel",
+                      "parallelize")
 
 
 def add_arguments(parser) -> None:
