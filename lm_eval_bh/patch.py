@@ -17,6 +17,7 @@ again, bit for bit. Use it as a context manager or with explicit patch/unpatch:
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from copy import deepcopy as _deepcopy
 import warnings
@@ -42,7 +43,8 @@ class BHRouting:
                  compile: bool | None = None, **settings):
         """`kernel`: how the variable-k router runs (`ROUTER_KERNELS`): "auto" (default) is the fused Triton
         kernel (lm_eval_bh/routing_kernel.py: one launch per layer) on CUDA where it supports the
-        settings, else the reference `routing.route`; "triton" insists on the kernel; "torch" is the
+        settings, else the reference `routing.route`; "triton" insists on the kernel (an error for settings
+        it does not compute; tensors off CUDA still take the reference path); "torch" is the
         reference; "compile" runs the reference through torch.compile on CUDA (~17 s of compilation at the
         first forward of a process and of each new alpha). `compile=True` is the older spelling of
         kernel="compile"."""
@@ -398,8 +400,9 @@ def warm_up_kernel(kernel: str, config: RoutingConfig, num_experts: int, dtype: 
         fused.warm_up(config, num_experts, dtype, device)
 
 
+@functools.lru_cache(maxsize=1)
 def _routing_kernel():
-    """lm_eval_bh.routing_kernel, or None where Triton cannot be imported."""
+    """lm_eval_bh.routing_kernel, or None where Triton cannot be imported (tried once per process)."""
     try:
         from . import routing_kernel
     except ImportError:
