@@ -863,6 +863,7 @@ def make_plot(rep: "pd.DataFrame"):
     fig = Figure(figsize=(8.5, 4.5 * len(tasks)))
     for i, task in enumerate(tasks):
         _plot_panel(fig.add_subplot(len(tasks), 1, i + 1), rep, task)
+    fig.subplots_adjust(hspace=0.35)
     return fig
 
 
