@@ -216,7 +216,7 @@ class BHRouting:
             fused = _routing_kernel()
             if fused is not None and fused.supports(self.config, logits, null, allowed):
                 try:
-                    return fused.route(logits, self.config)
+                    return fused.route(logits, self.config, null)
                 except (RoutingError, torch.cuda.OutOfMemoryError):
                     raise
                 except Exception as e:  # e.g. no Triton backend for this GPU: "auto" routes by the reference

@@ -1,4 +1,4 @@
-"""The default router (z-score p-values, Benjamini-Hochberg) as one Triton kernel launch per layer.
+"""The default router (z-score or calibrated p-values, Benjamini-Hochberg) as one Triton kernel launch per layer.
 
 `routing.route` is the reference: about 50 small torch kernels per layer, which is what bounds a
 launch-bound forward (decoding, one long sequence, lm-eval's short batches). This kernel does the
@@ -16,8 +16,9 @@ last bit). Under Triton's CPU interpreter (the tests) libdevice is missing: `erf
 Recipes' erfcc (relative error < 1.2e-7) and log1p the compensated log(1 + u), so there the p-values
 agree to ~1e-6 and the rest exactly.
 
-Supported: pvalue=zscore with selection=bh, no `allowed` mask, at most 1024 experts; `supports` says
-so, and the patch routes everything else through `routing.route`.
+Supported: selection=bh with pvalue=zscore, or pvalue=calibrated when the layer's null is shared by its
+experts; no `allowed` mask; at most 1024 experts. `supports` says so, and the patch routes everything else
+through `routing.route`.
 """
 
 from __future__ import annotations
@@ -43,18 +44,19 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-SUPPORTED = "pvalue=zscore with selection=bh"
+SUPPORTED = "pvalue=zscore or calibrated (a null shared by the layer's experts) with selection=bh"
 
 
 def supports_config(cfg) -> bool:
-    """Whether the kernel computes these settings (see SUPPORTED)."""
-    return cfg.pvalue == "zscore" and cfg.selection == "bh"
+    """Whether the kernel computes these settings (see SUPPORTED; `calibrated` also needs a shared null)."""
+    return cfg.pvalue in ("zscore", "calibrated") and cfg.selection == "bh"
 
 
 def supports(cfg, logits: torch.Tensor, null=None, allowed: torch.Tensor | None = None) -> bool:
     """Whether this kernel computes `routing.route(logits, cfg, null, allowed)` (else use that)."""
     return (
         supports_config(cfg)
+        and (cfg.pvalue != "calibrated" or (null is not None and not null.per_expert and null.device == logits.device))
         and allowed is None
         and logits.dim() == 2
         and 0 < logits.shape[-1] <= MAX_EXPERTS
@@ -145,34 +147,9 @@ def _quantile(x, rank, last, q: tl.constexpr):
     b = _at_rank(x, rank, hi.to(tl.int32))
     return a * (1.0 - frac) + b * frac
 
-# Not specialised on these arguments (values, pointer alignment): one compilation per expert count, dtype and
-# renormalisation, which `warm_up` can make ahead of the first call whatever the batch shape.
-@triton.jit(do_not_specialize=["stride_x", "index_ptr", "weight_ptr", "k_ptr", "found_ptr", "nonfinite_ptr", "p_ptr",
-                               "min_k", "max_k", "dead_k"])
-def route_kernel(
-    x_ptr, stride_x, factor_ptr,
-    index_ptr, weight_ptr, k_ptr, found_ptr, nonfinite_ptr, p_ptr,
-    alpha, min_k, max_k, dead_k,
-    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr,
-    RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    j = tl.arange(0, BLOCK_E)
-    real = j < E
-    x, bad = _clean(tl.load(x_ptr + row * stride_x + j, mask=real, other=0.0).to(tl.float32))
-    x = tl.where(real, x, NEG)  # padding lanes sort after every real expert (higher index on ties)
-    nonfinite = tl.max((bad & real).to(tl.int32), axis=0)
-
-    # rank_j = #{i before j in sort(descending=True, stable=True)}
-    rank = tl.zeros([BLOCK_E], dtype=tl.int32)
-    for start in tl.static_range(0, BLOCK_E, BLOCK_I):
-        i = start + tl.arange(0, BLOCK_I)
-        xi, _ = _clean(tl.load(x_ptr + row * stride_x + i, mask=i < E, other=0.0).to(tl.float32))
-        xi = tl.where(i < E, xi, NEG)
-        before = (xi[:, None] > x[None, :]) | ((xi[:, None] == x[None, :]) & (i[:, None] < j[None, :]))
-        rank += tl.sum(before.to(tl.int32), axis=0)
-
-    # z-score p-values (routing._zscore_pvalues)
+@triton.jit
+def _zscore_pvalue(x, rank, LIBDEVICE: tl.constexpr):
+    # routing._zscore_pvalues: robust z over the finite logits, Hill's Student-t tail
     finite = x > NEG
     n = tl.sum(finite.to(tl.float32), axis=0)
     last = tl.maximum(n - 1.0, 0.0)
@@ -197,6 +174,41 @@ def route_kernel(
     w = w + tl.math.div_rn(w * (w2 + 3.0), b) - tl.math.div_rn(w * inner, den)
     w = tl.where(z < 0.0, -w, w)
     p = 0.5 * _erfc(w * 0.7071067811865476, LIBDEVICE)
+    return p
+
+
+# Not specialised on these arguments (values, pointer alignment): one compilation per expert count, dtype and
+# renormalisation, which `warm_up` can make ahead of the first call whatever the batch shape.
+@triton.jit(do_not_specialize=["stride_x", "null_ptr", "index_ptr", "weight_ptr", "k_ptr", "found_ptr", "nonfinite_ptr", "p_ptr",
+                               "min_k", "max_k", "dead_k"])
+def route_kernel(
+    x_ptr, stride_x, factor_ptr, null_ptr,
+    index_ptr, weight_ptr, k_ptr, found_ptr, nonfinite_ptr, p_ptr,
+    alpha, min_k, max_k, dead_k,
+    E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_I: tl.constexpr,
+    CALIBRATED: tl.constexpr, RENORMALIZE: tl.constexpr, LIBDEVICE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_E)
+    real = j < E
+    x, bad = _clean(tl.load(x_ptr + row * stride_x + j, mask=real, other=0.0).to(tl.float32))
+    x = tl.where(real, x, NEG)  # padding lanes sort after every real expert (higher index on ties)
+    nonfinite = tl.max((bad & real).to(tl.int32), axis=0)
+
+    # rank_j = #{i before j in sort(descending=True, stable=True)}
+    rank = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for start in tl.static_range(0, BLOCK_E, BLOCK_I):
+        i = start + tl.arange(0, BLOCK_I)
+        xi, _ = _clean(tl.load(x_ptr + row * stride_x + i, mask=i < E, other=0.0).to(tl.float32))
+        xi = tl.where(i < E, xi, NEG)
+        before = (xi[:, None] > x[None, :]) | ((xi[:, None] == x[None, :]) & (i[:, None] < j[None, :]))
+        rank += tl.sum(before.to(tl.int32), axis=0)
+
+    if CALIBRATED:  # the layer's fitted null, loc and scale (calibration.LayerNull.pvalue)
+        z = tl.math.div_rn(x - tl.load(null_ptr), tl.load(null_ptr + 1))
+        p = 0.5 * _erfc(z * 0.7071067811865476, LIBDEVICE)
+    else:
+        p = _zscore_pvalue(x, rank, LIBDEVICE)
 
     # Benjamini-Hochberg count (routing._bh_count_p): the largest rank i with p_(i) * (m / i) <= alpha
     factor = tl.load(factor_ptr + rank, mask=real, other=1.0)
@@ -237,7 +249,11 @@ def _factor(m: int, device: torch.device) -> torch.Tensor:
     return _FACTORS[key]
 
 
-_WARMING: dict = {}  # (experts, dtype, renormalize, device) -> the thread compiling the kernel for them
+_WARMING: dict = {}  # (experts, dtype, pvalue, renormalize, device) -> the thread compiling the kernel for them
+
+
+def _key(cfg, num_experts: int, dtype: torch.dtype, device: torch.device) -> tuple:
+    return num_experts, dtype, cfg.pvalue, bool(cfg.renormalize), device
 
 
 def warm_up(cfg, num_experts: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -246,14 +262,15 @@ def warm_up(cfg, num_experts: int, dtype: torch.dtype, device: torch.device) -> 
     delaying the first forward. `route` waits for it rather than compiling a second time."""
     if device.type == "cuda" and device.index is None:  # "cuda" as lm-eval passes it: the current GPU
         device = torch.device("cuda", torch.cuda.current_device())
-    key = (num_experts, dtype, bool(cfg.renormalize), device)
+    key = _key(cfg, num_experts, dtype, device)
     if key in _WARMING:
         return
 
     def compile_once():
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-                route(torch.zeros(1, num_experts, dtype=dtype, device=device), cfg, wait=False)
+                _launch(torch.zeros(1, num_experts, dtype=dtype, device=device), cfg,
+                        torch.tensor([0.0, 1.0, 1.0], device=device))
         except Exception:  # the first real call compiles again and reports the error there
             pass
 
@@ -261,12 +278,16 @@ def warm_up(cfg, num_experts: int, dtype: torch.dtype, device: torch.device) -> 
     thread.start()
 
 
-def route(logits: torch.Tensor, cfg, wait: bool = True) -> Routed:
-    """`routing.route(logits, cfg)` for a config and input that `supports` accepts, in one launch."""
-    if wait and _WARMING:
-        thread = _WARMING.get((logits.shape[-1], logits.dtype, bool(cfg.renormalize), logits.device))
+def route(logits: torch.Tensor, cfg, null=None) -> Routed:
+    """`routing.route(logits, cfg, null)` for settings and input that `supports` accepts, in one launch."""
+    if _WARMING:
+        thread = _WARMING.get(_key(cfg, logits.shape[-1], logits.dtype, logits.device))
         if thread is not None and thread.is_alive():
             thread.join()
+    return _launch(logits, cfg, null.fit if cfg.pvalue == "calibrated" else None)
+
+
+def _launch(logits: torch.Tensor, cfg, fit: torch.Tensor | None) -> Routed:
     tokens, num_experts = logits.shape
     max_k = cfg.max_k
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
@@ -279,10 +300,11 @@ def route(logits: torch.Tensor, cfg, wait: bool = True) -> Routed:
     nonfinite = torch.empty(tokens, dtype=torch.int8, device=device)
     if tokens:
         block_e = triton.next_power_of_2(num_experts)
-        args = (x, x.stride(0), _factor(num_experts, device), index, weight, k, found, nonfinite, p,
+        factor = _factor(num_experts, device)
+        args = (x, x.stride(0), factor, factor if fit is None else fit, index, weight, k, found, nonfinite, p,
                 float(cfg.alpha), int(cfg.min_k), int(max_k), int(cfg.max_k if cfg.fixed_k else cfg.min_k))
         meta = dict(E=num_experts, BLOCK_E=block_e, BLOCK_I=max(1, min(block_e, 4096 // block_e)),
-                    RENORMALIZE=bool(cfg.renormalize), LIBDEVICE=not _interpreted(),
+                    CALIBRATED=fit is not None, RENORMALIZE=bool(cfg.renormalize), LIBDEVICE=not _interpreted(),
                     num_warps=4 if block_e <= 128 else 8, enable_fp_fusion=False)
         if device.type == "cuda" and device.index != torch.cuda.current_device():
             with torch.cuda.device(device):  # a model spread over GPUs: launch on the logits' one

@@ -49,11 +49,17 @@ def _edge_rows(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _assert_same(got: routing.Routed, want: routing.Routed) -> None:
+def _assert_same(got: routing.Routed, want: routing.Routed, renormalized: bool = False) -> None:
+    """Selections exactly; on a GPU p-values and weights bit for bit too (but a renormalising sum), in the
+    interpreter to its portable erfc's accuracy."""
     assert torch.equal(got.index, want.index)
     assert torch.equal(got.k, want.k)
     assert torch.equal(got.discoveries, want.discoveries)
     assert torch.equal(got.nonfinite, want.nonfinite)
+    if DEVICE == "cuda":
+        assert torch.equal(got.pvalues, want.pvalues)
+        if not renormalized:
+            assert torch.equal(got.weight, want.weight)
     torch.testing.assert_close(got.weight, want.weight, rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(got.pvalues, want.pvalues, rtol=1e-5, atol=1e-30)
 
@@ -73,7 +79,30 @@ def test_kernel_equals_reference(experts, settings):
     cfg = RoutingConfig(**settings).resolve(experts, settings["max_k"], False)
     x = _edge_rows(_logits(24, experts, seed=experts)).to(DEVICE)
     assert routing_kernel.supports(cfg, x)
-    _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
+    _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg), renormalized=cfg.renormalize)
+
+
+def _calibrated(experts: int, per_expert: bool, **settings):
+    """A resolved `pvalue=calibrated` config and a fitted null, no file (as routing.route takes them)."""
+    from lm_eval_bh.calibration import Calibration
+
+    g = torch.Generator().manual_seed(experts)
+    samples = torch.randn((1, experts, 4000) if per_expert else (1, 4000), generator=g) * 1.5 + 0.3
+    null = Calibration(samples.numpy(), {"num_experts": experts}).layer_nulls()[0].to(DEVICE)
+    cfg = RoutingConfig(**settings).resolve(experts, settings["max_k"], False)
+    object.__setattr__(cfg, "pvalue", "calibrated")
+    return cfg, null
+
+
+@pytest.mark.parametrize("experts", [64, 60])
+def test_kernel_equals_reference_with_a_calibrated_null(experts):
+    cfg, null = _calibrated(experts, False, alpha=0.1, min_k=1, max_k=8)
+    x = _edge_rows(_logits(24, experts, seed=experts + 1)).to(DEVICE)
+    assert routing_kernel.supports(cfg, x, null)
+    _assert_same(routing_kernel.route(x, cfg, null), routing.route(x, cfg, null=null))
+    per_expert_cfg, per_expert = _calibrated(experts, True, alpha=0.1, min_k=1, max_k=8)
+    assert not routing_kernel.supports(per_expert_cfg, x, per_expert)  # each expert's own null: the reference
+    assert not routing_kernel.supports(cfg, x, None)
 
 
 def test_kernel_reads_half_precision_and_strided_logits():
@@ -102,6 +131,7 @@ def test_supports_only_what_it_computes():
     x = torch.zeros(4, 16, device=DEVICE)
     assert not routing_kernel.supports(RoutingConfig(selection="hc").resolve(16, 4, False), x)
     assert not routing_kernel.supports(RoutingConfig(pvalue="softmax").resolve(16, 4, False), x)
+    assert not routing_kernel.supports_config(RoutingConfig(pvalue="softmax"))
     cfg = RoutingConfig().resolve(16, 4, False)
     assert not routing_kernel.supports(cfg, x, allowed=torch.ones(4, 16, dtype=torch.bool, device=DEVICE))
     assert routing_kernel.supports(cfg, x)
@@ -128,7 +158,7 @@ def test_router_kernel_argument_errors():
         check_kernel("fast", None, cfg)
     with pytest.raises(RoutingError, match="contradicts"):
         check_kernel("triton", True, cfg)
-    with pytest.raises(RoutingError, match="router_kernel=triton computes pvalue=zscore with selection=bh"):
+    with pytest.raises(RoutingError, match="router_kernel=triton computes pvalue=zscore or calibrated"):
         check_kernel("triton", None, RoutingConfig(selection="hc"))
 
 
@@ -137,12 +167,12 @@ def test_warm_up_compiles_in_the_background_and_route_waits_for_it():
     cfg = RoutingConfig(alpha=0.1, min_k=1, max_k=4).resolve(16, 4, False)
     device = torch.device(DEVICE)
     routing_kernel.warm_up(cfg, 16, torch.float32, device)
-    thread = routing_kernel._WARMING[(16, torch.float32, False, device)]
+    thread = routing_kernel._WARMING[routing_kernel._key(cfg, 16, torch.float32, device)]
     x = _logits(8, 16, seed=9).to(DEVICE)
     _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
     assert not thread.is_alive()
     routing_kernel.warm_up(cfg, 16, torch.float32, device)  # once per setting: no second thread
-    assert routing_kernel._WARMING[(16, torch.float32, False, device)] is thread
+    assert routing_kernel._WARMING[routing_kernel._key(cfg, 16, torch.float32, device)] is thread
 
 
 def test_explicit_triton_kernel_errors_are_not_swallowed(monkeypatch):
