@@ -165,8 +165,8 @@ def test_router_kernel_argument_errors():
 
 def test_warm_up_compiles_in_the_background_and_route_waits_for_it():
     cfg = RoutingConfig(alpha=0.1, min_k=1, max_k=4).resolve(16, 4, False)
-    device = torch.device(DEVICE)
-    routing_kernel.warm_up(cfg, 16, torch.float32, device)
+    device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device(DEVICE)  # as route() looks it up
+    routing_kernel.warm_up(cfg, 16, torch.float32, torch.device(DEVICE))
     thread = routing_kernel._WARMING[routing_kernel._key(cfg, 16, torch.float32, device)]
     x = _logits(8, 16, seed=9).to(DEVICE)
     _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
