@@ -42,6 +42,7 @@ Torch, numpy and scipy only (no transformers); the model-facing part is lm_eval_
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import math
@@ -159,8 +160,21 @@ def lfdr_table(samples: np.ndarray, fit: np.ndarray, grid: int = GRID) -> tuple[
 
 def layers_fingerprint(layers) -> str:
     """The router fingerprint of MoE layers (anything with a `.router` module): every router's weight
-    and bias, in layer order. Written by ``lm-eval-bh calibrate``, checked when a calibration loads."""
-    return router_fingerprint(t for layer in layers for t in (layer.weight, getattr(layer.router, "bias", None)))
+    and bias, in layer order. Written by ``lm-eval-bh calibrate``, checked when a calibration loads.
+    Routers whose weights accelerate offloads (on the meta device between forwards) are read in, one at a
+    time, through accelerate's own hooks."""
+
+    def tensors():
+        for layer in layers:
+            with contextlib.ExitStack() as stack:
+                for module in layer.router.modules():
+                    if any(p.device.type == "meta" for p in module.parameters(recurse=False)):
+                        from accelerate.utils import align_module_device
+
+                        stack.enter_context(align_module_device(module, execution_device="cpu"))
+                yield from (layer.weight, getattr(layer.router, "bias", None))
+
+    return router_fingerprint(tensors())
 
 
 def router_fingerprint(tensors) -> str:

@@ -516,3 +516,24 @@ def test_lfdr_rule_keeps_the_longest_prefix_with_mean_lfdr_at_most_alpha(tmp_pat
         assert (r.discoveries > 0).any() and (r.discoveries < 8).any()
     with pytest.raises(RoutingError, match="calibration must be set to a file from `lm-eval-bh calibrate` when selection=lfdr"):
         RoutingConfig(selection="lfdr")
+
+
+def test_calibrated_routing_on_a_model_with_offloaded_routers(tmp_path):
+    """accelerate's offloading keeps router weights on the meta device between forwards: the calibration's
+    fingerprint check reads them in through accelerate's hooks, and routing matches the model in memory."""
+    from accelerate import cpu_offload
+
+    model = make_olmoe(seed=0)
+    cal = calibrate.calibrate_model(model, _token_batches(0, 4, vocab=256), samples=512, progress=False)
+    path = save_calibration(tmp_path / "a.json", cal)
+    ids = torch.tensor([[5, 9, 23, 41, 7, 3]])
+    with torch.no_grad():
+        with BHRouting(pvalue="calibrated", calibration=path, alpha=0.2).patch(model) as r:
+            want, want_k = model(ids).logits, r.summary()["k_histogram"]
+        offloaded = make_olmoe(seed=0)
+        cpu_offload(offloaded, execution_device=torch.device("cpu"))
+        assert find_moe_layers(offloaded)[0].weight.device.type == "meta"
+        with BHRouting(pvalue="calibrated", calibration=path, alpha=0.2).patch(offloaded) as r:
+            got, got_k = offloaded(ids).logits, r.summary()["k_histogram"]
+    torch.testing.assert_close(got, want)
+    assert got_k == want_k
