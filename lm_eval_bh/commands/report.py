@@ -836,7 +836,8 @@ def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
                       + "; negative is better" + (f"; {note}" if note else "") + ".\n"
                       if rows["delta_vs_topk"].notna().any() else None]
         parts += [_to_markdown(summary_table(rep, task)), ""]
-    parts += ["## Per task (primary metric: acc_norm, else acc, else the task's first metric; ↓: lower is better)\n",
+    lower = "" if rep["higher_is_better"].astype(bool).all() else "; ↓: lower is better"
+    parts += [f"## Per task (primary metric: acc_norm, else acc, else the task's first metric{lower})\n",
               _to_markdown(per_task_table(rep)), ""]
     return "\n".join(p for p in parts if p is not None)
 
