@@ -6,8 +6,6 @@ import functools
 import importlib
 import json
 import re
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -17,7 +15,7 @@ from transformers import AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, run_concurrently
 from lm_eval_bh import BHRouting, RoutingError, find_moe_layers, route
 from lm_eval_bh.families import FAMILIES, REFUSED, config_param_split, config_shape
 from lm_eval_bh.config import RoutingConfig
@@ -319,23 +317,17 @@ def _check_routing(routing):
 
 
 def test_lm_eval_cli_runs_deepseek_v3_and_glm4_moe(tmp_path):
-    """`lm_eval --model moe_bh` (the console script's entry point, lm_eval.__main__:cli_evaluate) on tiny
-    saved DeepSeek-V3 (= Kimi-K2's architecture) and GLM-4.5-MoE models; one process pays the imports."""
-    runs = []
+    """`lm_eval --model moe_bh` on tiny saved DeepSeek-V3 (= Kimi-K2's architecture) and GLM-4.5-MoE
+    models, the two command lines at once (one core each)."""
+    runs = {}
     for family in ("deepseek_v3", "glm4_moe"):
         folder = _save(family, tmp_path / family)
-        runs.append([
+        runs[family] = ([
             "lm_eval", "--model", "moe_bh", "--model_args", f"pretrained={folder},alpha=0.3", "--device", "cpu",
             "--include_path", str(ROOT / "tasks"), "--tasks", "mmlu_dev_offline", "--limit", "2",
             "--output_path", str(tmp_path / "out" / family),
-        ])
-    script = (
-        "import sys\nfrom lm_eval.__main__ import cli_evaluate\n"
-        f"for argv in {runs!r}:\n    sys.argv = argv\n    cli_evaluate()\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=subprocess_env(),
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for family in ("deepseek_v3", "glm4_moe"):
+        ], {})
+    for family, result in run_concurrently(runs).items():
+        assert result.returncode == 0, result.stderr[-3000:]
         data = json.loads(next((tmp_path / "out" / family).rglob("results_*.json")).read_text())
         _check_routing(data["config"]["routing"])

@@ -78,19 +78,16 @@ def test_empty_input_routes_nothing():
     assert routing.summary()["tokens"] == 0
 
 
-def test_results_file_stays_valid_for_lm_eval_tools(tiny_model_dir, tmp_path):
+def test_results_file_stays_valid_for_lm_eval_tools(tiny_model_dir, task_manager, tmp_path):
     """The routing block is strict JSON and lm-eval's own table renderer reads the file."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
-
-    from test_lm import TASKS
 
     tracker = EvaluationTracker(output_path=str(tmp_path))
     results = lm_eval.simple_evaluate(
         model="olmoe_bh", model_args=f"pretrained={tiny_model_dir},alpha=0.2", tasks=["mmlu_dev_offline"],
-        task_manager=TaskManager(include_path=TASKS), limit=4, device="cpu",
+        task_manager=task_manager, limit=4, device="cpu",
     )
     tracker.save_results_aggregated(results=results, samples=None)
     (path,) = tmp_path.rglob("results_*.json")

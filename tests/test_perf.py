@@ -113,23 +113,21 @@ def test_harness_tiny_end_to_end(tmp_path):
     assert "| (b) rolling" in (tmp_path / "harness.md").read_text()
 
 
-def test_batch_size_auto_probes_once_per_evaluation_not_once_per_task(tiny_model_dir, monkeypatch):
+def test_batch_size_auto_probes_once_per_evaluation_not_once_per_task(tiny_model_dir, task_manager, monkeypatch):
     """olmoe_bh runs lm-eval once per task; with batch_size=auto the probe (5 forwards at the largest
     batch) found for the longest inputs is reused for the other tasks, like one `hf` call probes once."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     probes = []
     original = HFLM._detect_batch_size
     monkeypatch.setattr(HFLM, "_detect_batch_size", lambda self, *a, **kw: probes.append(a) or original(self, *a, **kw))
-    tm = TaskManager(include_path=str(REPO / "tasks" / "offline"))
     runs = {}
     for batch in ("auto", 4):
         probes.clear()
         out = lm_eval.simple_evaluate(
             model="olmoe_bh", model_args=f"pretrained={tiny_model_dir},alpha=0.3,max_batch_size=8", device="cpu",
-            tasks=["mmlu_dev_offline", "bigbench_strategyqa_offline"], task_manager=tm, limit=3, batch_size=batch)
+            tasks=["mmlu_dev_offline", "bigbench_strategyqa_offline"], task_manager=task_manager, limit=3, batch_size=batch)
         runs[batch] = (len(probes), out["config"]["routing"]["per_task"])
     assert runs["auto"][0] == 1 and runs[4][0] == 0
     assert {t: v["tokens"] for t, v in runs["auto"][1].items()} == {t: v["tokens"] for t, v in runs[4][1].items()}

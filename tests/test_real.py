@@ -110,20 +110,16 @@ def test_build_is_deterministic(built):
     assert rec["calibration_tokens"] == CAL
 
 
-def test_moe_bh_variable_k_within_bounds(built):
+def test_moe_bh_variable_k_within_bounds(built, task_manager):
     import lm_eval
 
     import lm_eval_bh.lm  # noqa: F401  (registers moe_bh)
     from lm_eval.api.registry import get_model
 
     folder = built[0]
-    tasks = Path(__file__).resolve().parents[1] / "tasks"
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(tasks))
     lm = get_model("moe_bh").create_from_arg_string(
         f"pretrained={folder},dtype=float32,alpha=0.2,min_k=2,max_k=8", {"batch_size": "4", "device": "cpu"})
-    res = lm_eval.simple_evaluate(model=lm, tasks=["bigbench_strategyqa_offline"], limit=4, task_manager=tm,
+    res = lm_eval.simple_evaluate(model=lm, tasks=["bigbench_strategyqa_offline"], limit=4, task_manager=task_manager,
                                   bootstrap_iters=0)
     routing = res["config"]["routing"]
     assert routing["tokens"] > 0
@@ -159,29 +155,31 @@ def test_balanced_kmeans_groups_equal_and_coactive():
         real.balanced_kmeans(feats[:30], 4)
 
 
-def test_models_command_lists_and_prints_paths(tmp_path):
+def test_models_command_lists_and_prints_paths(tmp_path, monkeypatch, capsys):
+    """Listing and a bad name through the command's entry point in this process; `--path tiny` (which
+    builds the model) as the command line it is."""
     import os
     import subprocess
     import sys
 
     from conftest import subprocess_env
 
-    root = Path(__file__).resolve().parents[1]
-    env = dict(subprocess_env(), LM_EVAL_BH_CACHE=str(tmp_path))
-    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, p.stderr
-    lines = p.stdout.strip().splitlines()
+    from lm_eval_bh.cli import main
+
+    monkeypatch.setenv("LM_EVAL_BH_CACHE", str(tmp_path))
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["tiny", "real"] and all("not built yet" in x for x in lines)
-    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models", "--path", "tiny"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models", "--path", "tiny"], cwd=root,
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     folder = Path(p.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and (folder / "config.json").is_file()
-    p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models", "--path", "huge"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "unknown embedded model 'huge'; allowed: tiny, real" in p.stderr
+    assert main(["models", "--path", "huge"]) == 2
+    assert "unknown embedded model 'huge'; allowed: tiny, real" in capsys.readouterr().err
     assert os.listdir(tmp_path) == [folder.name]
+    assert main(["models"]) == 0 and f"built: {folder}" in capsys.readouterr().out
 
 
 def test_perplexity_task_documents_are_held_out(dense):

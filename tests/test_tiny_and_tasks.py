@@ -142,25 +142,21 @@ def test_data_files_match_sources():
     assert total < 2_000_000
 
 
-def test_task_manager_lists_offline_and_paper_suite():
-    from lm_eval.tasks import TaskManager
-
-    tm = TaskManager(include_path=str(TASKS))
+def test_task_manager_lists_offline_and_paper_suite(task_manager):
     for name in OFFLINE_TASKS + ["bh_offline", "olmoe_paper_suite", "pydoc_perplexity_offline"]:
-        assert name in tm.all_tasks, name
+        assert name in task_manager.all_tasks, name  # TaskManager(include_path=tasks/), conftest
 
 
-def test_simple_evaluate_offline_tasks(model_dir, tmp_path, monkeypatch):
+def test_simple_evaluate_offline_tasks(model_dir, task_manager, tmp_path, monkeypatch):
     """The hf model on the bh_offline group (all four tasks), from an unrelated current directory."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     monkeypatch.chdir(tmp_path)
     out = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={model_dir},device=cpu",
         tasks=["bh_offline"],
-        task_manager=TaskManager(include_path=str(TASKS)),
+        task_manager=task_manager,
         limit=6,
         batch_size=8,
     )
