@@ -145,6 +145,40 @@ def test_paired_se_of_a_perplexity_delta_matches_a_bootstrap_over_documents(tmp_
     assert _row(R.report([d], err=sys.stderr)[1], BH, PPL)["delta_se_kind"] == "unpaired"
 
 
+def test_per_item_perplexity_is_paired_in_log_and_unpaired_se_scales_with_the_reference(tmp_path):
+    """lm-eval's `perplexity` (one log-likelihood per item, aggregated as exp(-mean)): the direction and the
+    log scale come from lm-eval's registry, Δ pairs items like a per-document ratio with n_d = 1; without
+    samples, the log-interpolated reference's SE is each point's SE scaled by reference / point."""
+    rng = np.random.default_rng(1)
+    n = 60
+    base = -rng.gamma(4.0, 0.5, n)  # per-item log-likelihoods
+    ll = {1: base * 1.5, 4: base, "bh": base * 1.2 + rng.normal(0, 0.3, n)}
+    ppl = {k: math.exp(-v.mean()) for k, v in ll.items()}
+    d = tmp_path / "r"
+    for key, mean_k in ((1, 1.0), (4, 4.0), ("bh", 2.5)):
+        path = _file(d / f"{key}.json", mean_k, {"lambada_like": 0.0}, fixed=key != "bh")
+        data = json.loads(path.read_text())
+        data["results"]["lambada_like"] = {"alias": "l", "perplexity,none": ppl[key], "perplexity_stderr,none": 0.1 * ppl[key]}
+        del data["higher_is_better"]  # an older file: lm-eval's metric registry gives the direction
+        path.write_text(json.dumps(data))
+        path.with_name(path.stem + ".samples.jsonl").write_text("".join(
+            json.dumps({"task": "lambada_like", "doc_id": i, "filter": "none", "perplexity": float(v)}) + "\n"
+            for i, v in enumerate(ll[key])))
+    r = _row(R.report([d], err=sys.stderr)[1], BH, "lambada_like")
+    assert not r["higher_is_better"] and r["scale"] == "log" and r["delta_se_kind"] == "paired"
+    ref = math.exp(-(0.5 * ll[1] + 0.5 * ll[4]).mean())
+    assert r["topk_value_at_k"] == pytest.approx(ref) and r["delta_vs_topk"] == pytest.approx(ppl["bh"] - ref)
+    boot = np.std([math.exp(-ll["bh"][i].mean()) - math.exp(-(0.5 * ll[1][i] + 0.5 * ll[4][i]).mean())
+                   for i in (rng.integers(0, n, n) for _ in range(4000))])
+    assert r["delta_se"] == pytest.approx(boot, rel=0.12)
+
+    (d / "bh.samples.jsonl").unlink()
+    r = _row(R.report([d], err=sys.stderr)[1], BH, "lambada_like")
+    # each point's SE is 10 % of its value, so each scaled term is 10 % of the reference
+    expected = math.sqrt((0.1 * ppl["bh"]) ** 2 + 2 * (0.5 * 0.1 * ref) ** 2)
+    assert r["delta_se_kind"] == "unpaired" and r["delta_se"] == pytest.approx(expected)
+
+
 # --------------------------------------------------------------------------- the real lm-eval path
 
 def _run(cmd):

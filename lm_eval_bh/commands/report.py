@@ -587,7 +587,13 @@ def _paired_task(row, task: str, refs: dict, weights) -> tuple[float, float, int
     top-k s_d. Δ = f(L) - f(L_ref) is linearised over documents (the delta method for ratios of sums):
     its variance is n / (n - 1) * sum(z_d^2) / sum(n_d)^2 with
     z_d = f'(L) (s_d - L n_d) - f'(L_ref) (r_d - L_ref n_d)."""
-    mine = load_item_scores(row["_samples"], task, row["metric"], row["_filter"])
+    def load(r):  # a log-scale metric with one log-likelihood per item (lm-eval's `perplexity`): n_d = 1
+        scores = load_item_scores(r["_samples"], task, r["metric"], r["_filter"])
+        if scores and row["scale"] == "log":
+            scores = {i: v if isinstance(v, tuple) else (v, 1.0) for i, v in scores.items()}
+        return scores
+
+    mine = load(row)
     if mine is None:
         return None
     ids = sorted(mine)
@@ -598,7 +604,7 @@ def _paired_task(row, task: str, refs: dict, weights) -> tuple[float, float, int
     sizes = np.array([mine[i][1] for i in ids]) if pairs else None
     for k, w in weights:
         rows = refs.get(k, [])
-        runs = [s for s in (load_item_scores(r["_samples"], task, r["metric"], r["_filter"]) for r in rows) if s]
+        runs = [s for s in (load(r) for r in rows) if s]
         if not runs or any(sorted(s) != ids for s in runs):
             return None
         if len(runs) < len(rows) and len({float(r["value"]) for r in rows}) > 1:
@@ -660,13 +666,13 @@ def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
                                     float(row["mean_k"]), row["scale"])
             df.at[idx, "topk_value_at_k"] = ref
             df.at[idx, "delta_vs_topk"] = row["value"] - ref
-            se, kind = _delta_se(df, row, weights, at_k)
+            se, kind = _delta_se(df, row, weights, at_k, ref)
             df.at[idx, "delta_se"] = se
             df.at[idx, "delta_se_kind"] = kind
     return df
 
 
-def _delta_se(df, row, weights, at_k) -> tuple[float, str]:
+def _delta_se(df, row, weights, at_k, ref: float) -> tuple[float, str]:
     tasks = row["_tasks"] if row["task"] == AVERAGE else (row["task"],)
     per_task = df[(df["model"] == row["model"]) & (df["evaluation"] == row["evaluation"]) & (df["task"] != AVERAGE)]
     paired = []
@@ -682,7 +688,9 @@ def _delta_se(df, row, weights, at_k) -> tuple[float, str]:
         paired.append(res)
     if paired:
         return math.sqrt(sum(v for _, v, _ in paired)) / len(paired), "paired"
-    var = row["stderr"] ** 2 + sum((w ** 2) * at_k[k]["stderr"].mean() ** 2 for k, w in weights)
+    # the reference's SE from its points' (a log-interpolated reference scales each by ref / value)
+    scale = {k: ref / at_k[k]["value"].mean() if row["scale"] == "log" else 1.0 for k, _ in weights}
+    var = row["stderr"] ** 2 + sum((w * scale[k] * at_k[k]["stderr"].mean()) ** 2 for k, w in weights)
     return (math.sqrt(var) if math.isfinite(var) else math.nan), "unpaired"
 
 
