@@ -18,6 +18,9 @@ from transformers import OlmoeConfig, OlmoeForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: one torch thread per worker, no oversubscription
+    torch.set_num_threads(1)
+
 
 def subprocess_env() -> dict:
     """Environment for the CLI subprocesses of the tests: offline, this checkout importable."""

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import subprocess_env
+from conftest import run_concurrently
 
 from lm_eval_bh.commands import report as R
 
@@ -181,27 +180,27 @@ def test_per_item_perplexity_is_paired_in_log_and_unpaired_se_scales_with_the_re
 
 # --------------------------------------------------------------------------- the real lm-eval path
 
-def _run(cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600, cwd=REPO)
-
-
 def test_perplexity_task_through_lm_eval_cli_sweep_and_report(tiny_model_dir, tmp_path):
     """`lm_eval --model olmoe_bh --log_samples` and `lm-eval-bh sweep` run the perplexity task; the report
     joins them: its perplexity table is ranked lower-is-better, the BH rows are compared with the
     log-interpolated top-k, paired by document."""
     out = tmp_path / "out"
-    cli = _run(["lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=0.5",
-                "--device", "cpu", "--include_path", TASKS, "--tasks", f"{PPL},mmlu_dev_offline", "--limit", "3",
-                "--log_samples", "--output_path", str(out / "cli")])
+    runs = run_concurrently({  # two independent command lines: one core each
+        "cli": (["lm_eval", "--model", "olmoe_bh", "--model_args", f"pretrained={tiny_model_dir},alpha=0.5",
+                 "--device", "cpu", "--include_path", TASKS, "--tasks", f"{PPL},mmlu_dev_offline", "--limit", "3",
+                 "--log_samples", "--output_path", str(out / "cli")], {"cwd": REPO}),
+        "sweep": ([sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args", f"pretrained={tiny_model_dir}",
+                   "--device", "cpu", "--batch_size", "4", "--include_path", TASKS, "--tasks",
+                   f"{PPL},mmlu_dev_offline", "--limit", "3", "--topk", "1,4", "--alphas", "0.05", "--output_path",
+                   str(out / "sweep")], {"cwd": REPO}),
+    })
+    cli, sweep = runs["cli"], runs["sweep"]
     assert cli.returncode == 0, cli.stderr[-3000:]
     (res_file,) = (out / "cli").rglob("results_*.json")
     res = json.loads(res_file.read_text())
     assert res["higher_is_better"][PPL] == {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
     assert 1 < res["results"][PPL]["word_perplexity,none"] < math.inf
     assert res["config"]["routing"]["per_task"][PPL]["tokens"] > 0
-    sweep = _run([sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args", f"pretrained={tiny_model_dir}",
-                  "--device", "cpu", "--batch_size", "4", "--include_path", TASKS, "--tasks", f"{PPL},mmlu_dev_offline",
-                  "--limit", "3", "--topk", "1,4", "--alphas", "0.05", "--output_path", str(out / "sweep")])
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert f"## {PPL}: word_perplexity per setting (lower is better" in sweep.stdout
 
