@@ -192,6 +192,7 @@ class Bench:
 
     def compiled_route(self):
         if self._compiled is None:
+            routing.prepare_compile()
             self._compiled = torch.compile(routing.route, dynamic=True)
         return self._compiled
 

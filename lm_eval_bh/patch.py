@@ -364,6 +364,7 @@ def _compiled_route():
     """routing.route compiled once per process (dynamic shapes: lm-eval's batches vary in length)."""
     fn = routing.route
     if fn not in _COMPILED:
+        routing.prepare_compile()
         _COMPILED[fn] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn]
 

@@ -42,6 +42,7 @@ __all__ = [
     "benjamini_hochberg",
     "is_monotone",
     "nonfinite_rows",
+    "prepare_compile",
     "pvalues",
     "route",
     "select_count",
@@ -342,7 +343,16 @@ def _hc_null_maxima(m: int) -> torch.Tensor:
     return torch.cat(maxima).sort().values
 
 
-@torch.compiler.disable  # a cached host-side simulation, never part of a compiled graph
+def prepare_compile() -> None:
+    """Call before `torch.compile(route)`: keeps HC's cached host-side simulation out of compiled graphs.
+    (Done here, not with a decorator at import: `torch.compiler.disable` imports torch._dynamo, about a
+    second of start-up for every process that never compiles.)"""
+    global _hc_critical
+    if not getattr(_hc_critical, "_lm_eval_bh_disabled", False):
+        _hc_critical = torch.compiler.disable(_hc_critical)
+        _hc_critical._lm_eval_bh_disabled = True
+
+
 def _hc_critical(m: int, alpha: float) -> float:
     """The (1 - alpha) quantile of max HC+ under the global null (simulated once per m, in-process;
     below alpha = 1e-3 fewer than 100 simulated maxima lie beyond it)."""
