@@ -8,11 +8,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HOME", os.path.join(tempfile.gettempdir(), "lm_eval_bh_hf_home"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if not os.path.exists("/dev/nvidiactl"):  # no GPU: Triton kernels run in its CPU interpreter (read at import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; read when triton is first
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # imported (transformers' import below may import it)
+
 from transformers import OlmoeConfig, OlmoeForCausalLM  # noqa: E402
 
 
