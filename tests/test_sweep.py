@@ -324,3 +324,20 @@ def test_identity_of_a_local_model_is_its_files(tmp_path):
     weights.write_bytes(bytes(data))
     assert [d.split(":")[0] for d in S.identity_diff(ident(a), ident(b))] == ["model.fingerprint", "model.pretrained"]
     assert S.identity_diff(None, ident(a)) == ["no identity recorded (written by an older lm-eval-bh or another tool)"]
+
+
+def test_stale_lock_files_of_finished_settings_are_removed(tmp_path):
+    """A sweep killed between writing a setting's results and removing its lock file leaves the file; the
+    next sweep removes it unless a live sweep holds it."""
+    import fcntl
+
+    from lm_eval_bh.commands.sweep import remove_stale_claims
+
+    (tmp_path / ".a.lock").touch()
+    held = os.open(tmp_path / ".b.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        remove_stale_claims(tmp_path, ["a", "b", "c"])
+        assert not (tmp_path / ".a.lock").exists() and (tmp_path / ".b.lock").exists()
+    finally:
+        os.close(held)

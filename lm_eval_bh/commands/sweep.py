@@ -18,7 +18,8 @@ was running.
 Concurrency: a setting is run under an exclusive ``flock`` on ``.<setting_id>.lock``; several sweeps
 on one folder run every setting exactly once, and one waits for the others' settings before printing
 its table. The kernel drops the lock of a process that dies, so a killed sweep never leaves a stale
-claim.
+claim; the lock file it may leave behind (killed between writing a setting's results and removing the
+file) is removed by the next sweep on the folder.
 
 The model is built once and re-patched per setting with ``set_routing``, which also resets the routing
 statistics. lm-eval's request cache (``use_cache``) keys requests on the model, never on the routing
@@ -407,6 +408,14 @@ def claim(out: Path, sid: str, wait: bool):
         os.close(fd)
 
 
+def remove_stale_claims(out: Path, sids: list[str]) -> None:
+    """Remove the lock files of finished settings that no live sweep holds (claimed and released at once)."""
+    for sid in sids:
+        if (out / f".{sid}.lock").exists():
+            with claim(out, sid, wait=False):
+                pass
+
+
 class _Once(logging.Filter):
     """Let each distinct message through once (lm-eval repeats some warnings for every evaluation)."""
 
@@ -453,6 +462,7 @@ def run(args) -> int:
     if todo:  # lm-eval's task index takes seconds to build: only when there is something to evaluate
         check_tasks(plan, args.include_path)
     make_folder(plan.out)
+    remove_stale_claims(plan.out, [sid for sid, _ in plan.grid if sid not in {t for t, _ in todo}])
     print(f"sweep: {len(plan.grid)} settings, {len(plan.grid) - len(todo)} already done, {len(todo)} to run "
           f"-> {plan.out}", file=sys.stderr)
 
