@@ -24,7 +24,6 @@ through `routing.route`.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 
@@ -65,7 +64,13 @@ def supports(cfg, logits: torch.Tensor, null=None, allowed: torch.Tensor | None 
     )
 
 
+# routing.py's constants, as compile-time values of the kernel (one source for both)
 NEG: tl.constexpr = tl.constexpr(NONFINITE_LOGIT)
+IQR_TO_SIGMA: tl.constexpr = tl.constexpr(_IQR_TO_SIGMA)
+SQRT1_2: tl.constexpr = tl.constexpr(_SQRT1_2)
+TINY: tl.constexpr = tl.constexpr(torch.finfo(torch.float32).tiny)
+NU_C0, NU_C1, NU_C2, NU_C3 = (tl.constexpr(v) for v in _NU_C)
+NU_D0, NU_D1, NU_D2, NU_D3 = (tl.constexpr(v) for v in _NU_D)
 
 @triton.jit
 def _erfc(x, LIBDEVICE: tl.constexpr):
@@ -156,13 +161,13 @@ def _zscore_pvalue(x, rank, LIBDEVICE: tl.constexpr):
     median = _quantile(x, rank, last, 0.5)
     q75 = _quantile(x, rank, last, 0.75)
     q25 = _quantile(x, rank, last, 0.25)
-    scale = tl.maximum((q75 - q25) * 0.7413011092528009, 1.1754943508222875e-38)
+    scale = tl.maximum((q75 - q25) * IQR_TO_SIGMA, TINY)
     z = tl.math.div_rn(x - median, scale)
     z = tl.where(finite, z, -float("inf"))
     # degrees of freedom (routing._zscore_nu)
     r = n - 4.0 * tl.floor(n * 0.25)
-    c = tl.where(r == 0.0, 1.41, tl.where(r == 1.0, 0.93, tl.where(r == 2.0, 1.29, 1.61)))
-    d = tl.where(r == 0.0, -1.09, tl.where(r == 1.0, 5.03, tl.where(r == 2.0, 2.96, 1.60)))
+    c = tl.where(r == 0.0, NU_C0, tl.where(r == 1.0, NU_C1, tl.where(r == 2.0, NU_C2, NU_C3)))
+    d = tl.where(r == 0.0, NU_D0, tl.where(r == 1.0, NU_D1, tl.where(r == 2.0, NU_D2, NU_D3)))
     nu = tl.maximum(0.37 * n + c - tl.math.div_rn(d, tl.maximum(n, 1.0)), 1.0)
     # Hill's Student-t tail (routing._student_t_sf)
     a = nu - 0.5
@@ -173,7 +178,7 @@ def _zscore_pvalue(x, rank, LIBDEVICE: tl.constexpr):
     den = 10.0 * b * (b + 0.8 * w2 * w2 + 100.0)
     w = w + tl.math.div_rn(w * (w2 + 3.0), b) - tl.math.div_rn(w * inner, den)
     w = tl.where(z < 0.0, -w, w)
-    p = 0.5 * _erfc(w * 0.7071067811865476, LIBDEVICE)
+    p = 0.5 * _erfc(w * SQRT1_2, LIBDEVICE)
     return p
 
 
@@ -206,7 +211,7 @@ def route_kernel(
 
     if CALIBRATED:  # the layer's fitted null, loc and scale (calibration.LayerNull.pvalue)
         z = tl.math.div_rn(x - tl.load(null_ptr), tl.load(null_ptr + 1))
-        p = 0.5 * _erfc(z * 0.7071067811865476, LIBDEVICE)
+        p = 0.5 * _erfc(z * SQRT1_2, LIBDEVICE)
     else:
         p = _zscore_pvalue(x, rank, LIBDEVICE)
 
@@ -226,7 +231,7 @@ def route_kernel(
     if RENORMALIZE:  # (torch's sum over the slots may add in another order: the last bit can differ)
         total = tl.sum(weight, axis=0)
         uniform = tl.math.div_rn(valid.to(tl.float32), k.to(tl.float32))
-        weight = tl.where(total > 0.0, tl.math.div_rn(weight, tl.maximum(total, 1.1754943508222875e-38)), uniform)
+        weight = tl.where(total > 0.0, tl.math.div_rn(weight, tl.maximum(total, TINY)), uniform)
     weight = tl.where(dead, tl.math.div_rn(valid.to(tl.float32), dead_k.to(tl.float32)), weight)
 
     slot = rank < max_k
@@ -313,6 +318,3 @@ def _launch(logits: torch.Tensor, cfg, fit: torch.Tensor | None) -> Routed:
             route_kernel[(tokens,)](*args, **meta)
     return Routed(index, weight, k, nonfinite.view(torch.bool), found, p)
 
-
-assert abs(_IQR_TO_SIGMA - 0.7413011092528009) < 1e-15 and abs(_SQRT1_2 - 0.7071067811865476) < 1e-15
-assert _NU_C == (1.41, 0.93, 1.29, 1.61) and _NU_D == (-1.09, 5.03, 2.96, 1.60) and math.isclose(NONFINITE_LOGIT, -1e30)
