@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import platform
 import statistics
@@ -52,6 +51,7 @@ import transformers  # noqa: E402
 from transformers import OlmoeConfig, OlmoeForCausalLM  # noqa: E402
 
 from lm_eval_bh import dispatch, routing  # noqa: E402
+from results_io import render, save  # noqa: E402  (bench/, this script's folder)
 from lm_eval_bh.patch import BHRouting, find_moe_layers  # noqa: E402
 from lm_eval_bh.routing import RoutingConfig  # noqa: E402
 
@@ -739,11 +739,7 @@ def main(argv=None):
                    "bench.json written earlier (and rewrite the .md of the same name beside it)")
     args = p.parse_args(argv)
     if args.render:
-        res = json.loads(Path(args.render).read_text())
-        md = markdown(res)
-        Path(args.render).with_suffix(".md").write_text(md + "\n")
-        print(md)
-        return res
+        return render(args.render, markdown)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     tiny = args.tiny
@@ -817,10 +813,7 @@ def main(argv=None):
     md = markdown(res)
     print(md, flush=True)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "bench.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-        (out_dir / "bench.md").write_text(md + "\n")
-        log(f"wrote {out_dir / 'bench.json'} and {out_dir / 'bench.md'}")
+        log("wrote " + " and ".join(map(str, save(out_dir, "bench", res, md))))
     return res
 
 

@@ -61,6 +61,7 @@ from lm_eval_bh import dispatch, routing  # noqa: E402
 from lm_eval_bh.lm import MoEBHLM  # noqa: E402
 from lm_eval_bh.patch import BHRouting  # noqa: E402
 from lm_eval_bh.routing import RoutingConfig  # noqa: E402
+from results_io import render, save, write_json  # noqa: E402  (bench/, this script's folder)
 
 EXACT_MIN_PAIRS = dispatch.EXACT_MIN_PAIRS  # the product's default
 
@@ -469,16 +470,11 @@ def main(argv=None):
     p.add_argument("--profile", default=None, help="comma list of settings to profile (one warm run each)")
     p.add_argument("--profile-workloads", default="a32", help="comma list of workloads to profile")
     p.add_argument("--router-kernel", default=None, help="olmoe_bh's router_kernel (default: the product's)")
-    p.add_argument("--render", default=None, metavar="HARNESS_JSON", help="only rewrite harness.md beside a "
-                   "harness.json written earlier (also one cut short) and print it")
+    p.add_argument("--render", default=None, metavar="HARNESS_JSON", help="only rewrite the .md beside a "
+                   "harness JSON written earlier (also one cut short) and print it")
     args = p.parse_args(argv)
     if args.render:
-        res = json.loads(Path(args.render).read_text())
-        res["summary"] = summarise(res)
-        md = markdown(res)
-        Path(args.render).with_name("harness.md").write_text(md + "\n")
-        print(md)
-        return res
+        return render(args.render, lambda res: markdown({**res, "summary": summarise(res)}))
     tiny = args.tiny
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -545,7 +541,7 @@ def main(argv=None):
                     log(f"round {r} {w} {s}: {out['s']:.2f}s" + (f" mean k {out['mean_k']:.2f}" if "mean_k" in out else ""))
                     if args.out_dir:  # partial results survive a run cut short
                         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
-                        (Path(args.out_dir) / "harness.json").write_text(json.dumps(res, indent=1, default=str))
+                        write_json(Path(args.out_dir) / "harness.json", res)
         res["summary"] = summarise(res)
         if device.type == "cuda":
             res["env"]["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -574,7 +570,7 @@ def main(argv=None):
                     rep["device"] = device_profile(lm, sample)
                 res["profile"][f"{s} {w}"] = rep
                 if args.out_dir:
-                    (Path(args.out_dir) / "harness.json").write_text(json.dumps(res, indent=1, default=str))
+                    write_json(Path(args.out_dir) / "harness.json", res)
                 log(f"profile {s} {w}: {json.dumps(rep['per_forward_ms'])}")
     finally:
         if tmp:
@@ -583,11 +579,7 @@ def main(argv=None):
     md = markdown(res)
     print(md, flush=True)
     if args.out_dir:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "harness.json").write_text(json.dumps(res, indent=1, default=str) + "\n")
-        (out / "harness.md").write_text(md + "\n")
-        log(f"wrote {out / 'harness.json'} and {out / 'harness.md'}")
+        log("wrote " + " and ".join(map(str, save(Path(args.out_dir), "harness", res, md))))
     return res
 
 
