@@ -25,6 +25,7 @@ from typing import Iterable
 
 import torch
 
+from ..corpus import token_batches  # noqa: F401 (re-exported)
 from ..errors import UsageError
 from ..model_args import ROUTING_ARGS, parse_model_args
 from ..calibration import Calibration, NullSampler, layers_fingerprint, save_calibration
@@ -111,27 +112,6 @@ def task_texts(tasks: str, include_path: str | None = None, limit: float | None 
             if isinstance(ctx, str) and ctx.strip():
                 seen.setdefault(ctx, None)
     return list(seen)
-
-
-def token_batches(tokenizer, texts: Iterable[str], max_length: int, batch_size: int):
-    """(input_ids, attention_mask) batches, right-padded, documents cut into windows of max_length tokens
-    (longest first, so batches waste little padding)."""
-    windows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        windows += [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
-    windows = [w for w in windows if w]
-    windows.sort(key=len, reverse=True)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for i in range(0, len(windows), batch_size):
-        chunk = windows[i: i + batch_size]
-        width = len(chunk[0])
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for j, w in enumerate(chunk):
-            ids[j, : len(w)] = torch.tensor(w)
-            mask[j, : len(w)] = 1
-        yield ids, mask
 
 
 # --- collection --------------------------------------------------------------------------------

@@ -1,0 +1,57 @@
+"""The built-in calibration corpus: unlabeled, licence-clean text that needs no download and no file.
+
+`calibration=auto` and `target_k` fit on it at model load, so the routing that needs a null or a
+budget runs from one command. `CORPUS` names it in results files; `corpus_hash` keys caches on it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable
+
+import torch
+
+__all__ = ["CORPUS", "builtin_texts", "corpus_hash", "token_batches"]
+
+CORPUS = {
+    "name": "pydoc-topics-even",
+    "source": "pydoc_data/topics.py of the running Python: the even-numbered help topics in sorted order",
+    "licence": "PSF-2.0",
+}
+
+
+def builtin_texts() -> list[str]:
+    """The corpus's documents: one per even-numbered pydoc help topic (sorted by name)."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)[::2] if topics[name].strip()]
+
+
+def corpus_hash(texts: Iterable[str]) -> str:
+    """sha256 of the documents, each length-prefixed (so the split into documents counts)."""
+    h = hashlib.sha256()
+    for text in texts:
+        data = text.encode()
+        h.update(len(data).to_bytes(8, "little") + data)
+    return h.hexdigest()
+
+
+def token_batches(tokenizer, texts: Iterable[str], max_length: int, batch_size: int):
+    """(input_ids, attention_mask) batches, right-padded, documents cut into windows of max_length tokens
+    (longest first, so batches waste little padding)."""
+    windows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        windows += [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
+    windows = [w for w in windows if w]
+    windows.sort(key=len, reverse=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for i in range(0, len(windows), batch_size):
+        chunk = windows[i: i + batch_size]
+        width = len(chunk[0])
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for j, w in enumerate(chunk):
+            ids[j, : len(w)] = torch.tensor(w)
+            mask[j, : len(w)] = 1
+        yield ids, mask
