@@ -27,6 +27,9 @@ stock top-4 0.99; exact and padded cross near 1,024 tokens x 8 slots.
 
 from __future__ import annotations
 
+import functools
+import weakref
+
 import torch
 
 __all__ = ["backend_name", "experts_forward", "compact_forward", "grouped_forward", "grouped_supported"]
@@ -98,16 +101,23 @@ def _grouped_linear(experts, x, weight, bias, ids, offs):
 
 def grouped_supported(experts, hidden: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM runs here for this module's weights (else use `compact`)."""
-    if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
-        return False
     if not hasattr(experts, "down_proj") or getattr(experts, "has_post_expert_norm", False):
         return False
     if getattr(experts, "is_concatenated", True) is False:
         return False
     weight = experts.down_proj
-    if weight.device.type == "cuda":
-        return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(weight.device) >= (8, 0)
-    return weight.device.type == "cpu" and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
+    return _grouped_runs_on(weight.device, weight.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_runs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped GEMM runs on this device for weights of this dtype (asked once: every experts
+    call asks)."""
+    if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu" and tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
 
 
 _BOUNDS: dict = {}
@@ -199,5 +209,75 @@ def experts_forward(experts, hidden: torch.Tensor, index: torch.Tensor, weight: 
     (default: the module's configured one)."""
     stock = stock or _configured(experts)
     if choose(experts, hidden, stock) == "grouped":
+        if _graphable(hidden, index):
+            return _graphed(experts, hidden, index, weight)
         return grouped_forward(experts, hidden, index, weight)
     return compact_forward(experts, hidden, index, weight, stock)
+
+
+# --- decoding: the padded path replayed as a CUDA graph ----------------------------------------------
+#
+# Decoding calls the experts with a few tokens per layer and step, where the host's kernel launches set the
+# time (about 16 launches for the padded path; generate() switches the stock backend to batched_mm, ~9).
+# The padded path never syncs and its shapes are fixed by the token count, so for small calls on CUDA it is
+# captured once per (module, shape) as a CUDA graph and replayed: three input copies, one graph launch and
+# one output copy. The graph runs the same kernels on the same inputs: the output is bit-identical.
+
+GRAPH_MAX_TOKENS = 64  # calls of at most this many tokens (decoding batches; also short prefills) use graphs
+GRAPH_AFTER_CALLS = 2  # a shape is captured at its third call (decoding repeats it; prefill lengths vary)
+GRAPHS_PER_MODULE = 8  # at most this many shapes per module are kept as graphs
+USE_GRAPHS = True  # bench/bench.py switches it off to compare
+
+_GRAPHS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # experts module -> {key: _Graph or count}
+
+
+def _graphable(hidden: torch.Tensor, index: torch.Tensor) -> bool:
+    return (USE_GRAPHS and hidden.is_cuda and 0 < hidden.shape[0] <= GRAPH_MAX_TOKENS
+            and index.numel() < EXACT_MIN_PAIRS and not torch.is_grad_enabled()
+            and not torch.cuda.is_current_stream_capturing() and not torch.compiler.is_compiling())
+
+
+def _graphed(experts, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`grouped_forward(..., exact=False)`, from a CUDA graph once the shape has been seen GRAPH_AFTER_CALLS times."""
+    up = experts.gate_up_proj if getattr(experts, "has_gate", True) else experts.up_proj
+    key = (hidden.shape, hidden.dtype, hidden.device, index.shape, index.dtype, weight.dtype,
+           up.data_ptr(), experts.down_proj.data_ptr())  # new weights (a reload) mean a new graph
+    graphs = _GRAPHS.setdefault(experts, {})
+    entry = graphs.get(key, 0)
+    if isinstance(entry, _Graph):
+        return entry(hidden, index, weight)
+    if entry < GRAPH_AFTER_CALLS or sum(isinstance(g, _Graph) for g in graphs.values()) >= GRAPHS_PER_MODULE:
+        graphs[key] = entry + 1 if entry < GRAPH_AFTER_CALLS else entry
+        return grouped_forward(experts, hidden, index, weight, exact=False)
+    graph = graphs[key] = _Graph(experts, hidden, index, weight)
+    return graph(hidden, index, weight)
+
+
+class _Graph:
+    """The padded grouped path of one experts module for one input shape, captured as a CUDA graph."""
+
+    def __init__(self, experts, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor):
+        device = hidden.device
+        # plain tensors (not inference tensors): the graph may be replayed inside or outside inference_mode
+        with torch.inference_mode(False), torch.no_grad(), torch.cuda.device(device):
+            self.inputs = [torch.empty(t.shape, dtype=t.dtype, device=device) for t in (hidden, index, weight)]
+            for static, t in zip(self.inputs, (hidden, index, weight)):
+                static.copy_(t)
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.stream(stream):
+                grouped_forward(experts, *self.inputs, exact=False)  # warm-up: library handles, cached offsets
+                # thread_local: the router kernel's warm-up thread may launch work meanwhile
+                self.graph.capture_begin(capture_error_mode="thread_local")
+                try:
+                    self.output = grouped_forward(experts, *self.inputs, exact=False)
+                finally:
+                    self.graph.capture_end()
+            torch.cuda.current_stream(device).wait_stream(stream)
+
+    def __call__(self, hidden: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        for static, t in zip(self.inputs, (hidden, index, weight)):
+            static.copy_(t)
+        self.graph.replay()
+        return self.output.clone()  # the next replay overwrites the static output
