@@ -471,7 +471,8 @@ def run(args) -> int:
         lm = lm or _load_model(plan.model_name, plan, args.device)
         evaluate_setting(lm, plan, plan.task_manager, sid, routing, args.device)
 
-    ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
+    with env_info_once():
+        ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
     print(f"sweep: {len(ran)} setting(s) run here, {len(elsewhere)} by another sweep on this folder", file=sys.stderr)
 
     from lm_eval_bh.commands.report import report
@@ -512,6 +513,29 @@ def quiet_lm_eval(verbose: bool) -> None:
     if not verbose:
         logging.getLogger("lm_eval").setLevel(logging.WARNING)
     logging.getLogger("lm_eval.api.task").addFilter(_Once())
+
+
+@contextlib.contextmanager
+def env_info_once():
+    """lm-eval collects the environment (torch's collect_env: subprocesses, seconds) in every simple_evaluate;
+    the settings of a sweep share one process: collect it for the first and copy it into the others."""
+    import lm_eval.evaluator as evaluator
+
+    original, collected = evaluator.add_env_info, {}
+
+    def once(storage: dict) -> None:
+        if not collected:
+            before = set(storage)
+            original(storage)
+            collected.update({k: storage[k] for k in storage if k not in before})
+        else:
+            storage.update(collected)
+
+    evaluator.add_env_info = once
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
 
 
 def plan_grid(plan: Plan, args):
