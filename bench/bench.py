@@ -25,6 +25,8 @@ for these settings (`+` adds a modifier):
                    fused Triton kernel on CUDA (router_kernel=auto, lm_eval_bh/routing_kernel.py)
   +compiled        routing.route through torch.compile(dynamic=True) (router_kernel=compile)
   +nostats         BHRouting's per-layer statistics recording switched off (to price it)
+  +nograph         decoding without dispatch.py's CUDA graphs (the padded path launched kernel by kernel)
+  +jit             every router-kernel launch through Triton's JIT launcher (no cached compiled kernel)
 
 Writes bench.json (device, versions, shapes, every figure, ratios) and bench.md (Markdown tables) to
 --out-dir and prints the tables. `--tiny` runs a tiny config on the CPU in seconds (smoke test).
@@ -200,7 +202,8 @@ class Bench:
     def setting(self, spec: str):
         base, *mods = spec.split("+")
         fused = _fused_module()
-        saved = (routing.route, fused and fused.route, BHRouting._record, dispatch.experts_forward)
+        saved = (routing.route, fused and fused.route, BHRouting._record, dispatch.experts_forward,
+                 dispatch.USE_GRAPHS, fused and fused._COMPILED)
         gate_list = gates(self.model)
         top_ks = [g.top_k for g in gate_list]
         kernel = "compile" if "compiled" in mods else "torch" if "torch" in mods else "auto"
@@ -213,6 +216,10 @@ class Bench:
                     fused.route = ForcedK(fused.route, self.top_k, self.device)
             if "nostats" in mods:
                 BHRouting._record = lambda *a, **kw: None
+            if "nograph" in mods:
+                dispatch.USE_GRAPHS = False
+            if "jit" in mods and fused is not None:
+                fused._COMPILED = _NoCache()
             for m in mods:
                 if m in FORCED:
                     dispatch.experts_forward = FORCED[m]
@@ -229,9 +236,9 @@ class Bench:
                 with BHRouting(cfg, kernel=kernel).patch(self.model) as r:
                     yield r
         finally:
-            routing.route, fused_route, BHRouting._record, dispatch.experts_forward = saved
+            routing.route, fused_route, BHRouting._record, dispatch.experts_forward, dispatch.USE_GRAPHS, compiled = saved
             if fused is not None:
-                fused.route = fused_route
+                fused.route, fused._COMPILED = fused_route, compiled
             for g, k in zip(gate_list, top_ks):
                 g.top_k = k
 
@@ -269,6 +276,13 @@ class Bench:
             self.alpha = math.exp(hi)
         return {"alpha": self.alpha, "mean_k": mean_k(self.alpha), "target": target,
                 "mean_k_at": {str(a): mean_k(a) for a in (0.01, 0.05, 0.2, 0.5, 0.9)}}
+
+
+class _NoCache(dict):
+    """A cache that keeps nothing: every launch goes through Triton's JIT."""
+
+    def __setitem__(self, key, value):
+        pass
 
 
 def _fused_module():
@@ -322,6 +336,8 @@ def run_prefill(bench: Bench, shapes, settings) -> dict:
 
 
 def run_decode(bench: Bench, batches, settings) -> dict:
+    """New tokens/s of generate per setting; settings interleaved over `decode_rounds` rounds (median), so
+    that drifts of the host's speed (decoding is bound by kernel launches) spread over all of them."""
     args, model, device = bench.args, bench.model, bench.device
     out = {}
     new = args.new_tokens
@@ -337,20 +353,26 @@ def run_decode(bench: Bench, batches, settings) -> dict:
 
         with torch.inference_mode():
             gen(new)  # full-length warm-up once per batch size: cuDNN attention plans for every length
-        for spec in settings:
-            with torch.inference_mode(), bench.setting(spec) as r:
-                gen(min(8, new))  # warm-up of this setting: torch.compile for these shapes
-                sync(device)
-                t0 = time.perf_counter()
-                seq = gen(new)
-                sync(device)
-                sec = time.perf_counter() - t0
-                stats = summary_of(r)
-            assert seq.shape[1] == args.prompt_len + new, seq.shape
-            name = spec if spec not in out[key] else spec + "#2"
-            out[key][name] = {"tok_s": b * new / sec, "s": sec, "ms_per_step": sec / new * 1e3, **stats}
+        names = [s if s not in settings[:i] else s + "#2" for i, s in enumerate(settings)]
+        times, stats = {n: [] for n in names}, {}
+        for rnd in range(args.decode_rounds):
+            for spec, name in zip(settings, names):
+                with torch.inference_mode(), bench.setting(spec) as r:
+                    if rnd == 0:
+                        gen(min(8, new))  # warm-up of this setting (kernel variants, graphs of this shape)
+                    sync(device)
+                    t0 = time.perf_counter()
+                    seq = gen(new)
+                    sync(device)
+                    times[name].append(time.perf_counter() - t0)
+                    stats[name] = summary_of(r)
+                assert seq.shape[1] == args.prompt_len + new, seq.shape
+        for name in names:
+            sec = statistics.median(times[name])
+            out[key][name] = {"tok_s": b * new / sec, "s": sec, "ms_per_step": sec / new * 1e3,
+                              "rounds_s": times[name], **stats[name]}
             log(f"decode  {key:>8} {name:28s} {b * new / sec:10.1f} tok/s  {sec / new * 1e3:8.2f} ms/step  "
-                f"{stats.get('mean_k', '')}")
+                f"(rounds {', '.join(f'{t / new * 1e3:.2f}' for t in times[name])})  {stats[name].get('mean_k', '')}")
     return out
 
 
@@ -402,6 +424,8 @@ def run_routing(bench: Bench, logits_by_t: dict[int, torch.Tensor]) -> dict:
         fused = _fused_module() if device.type == "cuda" else None
         if fused is not None:
             row["route_triton_s"] = per_call(lambda: fused.route(lg, cfg), device, iters)
+            with bench.setting("bhvar+jit"):  # every launch through Triton's JIT launcher: its host cost
+                row["route_triton_jit_s"] = per_call(lambda: fused.route(lg, cfg), device, iters)
         if bench.args.compile:
             fn = bench.compiled_route()
             row["route_compiled_s"] = per_call(lambda: fn(lg, cfg), device, iters)
@@ -560,15 +584,33 @@ def decode_launches(bench: Bench, specs) -> dict:
                 syncs += ev.count
         return launches, syncs
 
-    out = {}
+    out, text = {}, []
     for spec in specs:
         with torch.inference_mode(), bench.setting(spec):
             gen(6)
             l2, s2 = count(2)
             l6, s6 = count(6)
+            text.append(f"=== {spec}: host time by Python function, generate of 16 new tokens at batch 1 ===\n"
+                        + host_profile(lambda: (gen(16), sync(device))))
         out[spec] = {"launches_per_step": (l6 - l2) / 4, "syncs_per_step": (s6 - s2) / 4}
         log(f"launches {spec:28s} {out[spec]}")
-    return out
+    return out, "\n".join(text)
+
+
+def host_profile(fn, rows: int = 30) -> str:
+    """cProfile of fn(): the functions with the most own host time (torch ops appear as their Python
+    entry points), for where a launch-bound step spends its time."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(rows)
+    return buf.getvalue()
 
 
 # --- report ------------------------------------------------------------------------------------------
@@ -727,11 +769,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds over the prefill settings")
+    p.add_argument("--decode-rounds", type=int, default=None, help="interleaved rounds over the decode settings")
     p.add_argument("--prefill-settings", default=None, help="comma list (default: all)")
     p.add_argument("--decode-settings", default=None, help="comma list (default: all)")
     p.add_argument("--skip", default="", help="comma list of parts to skip: prefill,decode,routing,dispatch,check")
     p.add_argument("--profile", action="store_true", help="write a torch.profiler table of one prefill forward "
                    "(stock4 and bhforced) to profile.txt in --out-dir")
+    p.add_argument("--launch-settings", default=None, help="settings of the decode launch count and host "
+                   "profile (with --profile; comma list)")
     p.add_argument("--dispatch-t", default=None, help="extra token counts for the one-layer dispatch timings")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the +compiled proposal (default: on CUDA only)")
@@ -751,6 +796,7 @@ def main(argv=None):
     args.prompt_len = args.prompt_len or (8 if tiny else 32)
     args.reps = args.reps or (1 if tiny else 3)
     args.rounds = args.rounds or (1 if tiny else 3)
+    args.decode_rounds = args.decode_rounds or (1 if tiny else 3)
     if tiny:  # a smoke test: every code path once, no meaningful timings
         args.warmup = min(args.warmup, 1)
         torch.set_num_threads(1)
@@ -806,8 +852,10 @@ def main(argv=None):
     if "decode" not in skip:
         res["decode"] = run_decode(bench, batches, settings_for(args.decode_settings, DECODE_SETTINGS))
     if args.profile and device.type == "cuda":
-        res["decode_launches"] = decode_launches(bench, settings_for(None, [
+        res["decode_launches"], host = decode_launches(bench, settings_for(args.launch_settings, [
             "stock4", "stock8", "bh8", "bh8+nostats", "bhvar", "bhvar+torch", "bhvar+compiled", "bhvar+nostats"]))
+        if out_dir is not None:
+            (out_dir / "profile_decode.txt").write_text(host)
     res["ratios"] = ratios(res)
     res["routing_share"] = routing_share(res, num_layers)
     md = markdown(res)

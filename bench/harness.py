@@ -145,12 +145,13 @@ def apply_setting(name: str, lms: dict, alphas: dict, top_k: int):
             r.top_k = top_k if name == "hf8" else top_k // 2
         return lm
     lm = lms["bh"]
-    base = name.rstrip("cep")  # a trailing "c" / "e": the same setting, router compiled / eager reference;
-    # "p": the experts dispatch never syncs (its padded strategy at every size)
+    base = name.rstrip("cepn")  # a trailing "c" / "e": the same setting, router compiled / eager reference;
+    # "p": the experts dispatch never syncs (its padded strategy at every size); "n": no CUDA graphs in decoding
     wanted = (dict(min_k=top_k, max_k=top_k) if base == "bh8"
               else dict(alpha=alphas[base], min_k=1, max_k=top_k))
     kernel = {"c": "compile", "e": "torch"}.get(name[-1], lms["router_kernel"])
     dispatch.EXACT_MIN_PAIRS = 1 << 62 if name.endswith("p") else EXACT_MIN_PAIRS
+    dispatch.USE_GRAPHS = not name.endswith("n")
     current = lm.routing_config
     if any(getattr(current, k) != v for k, v in wanted.items()) or lm._router_kernel != kernel:
         lm._router_kernel = kernel
