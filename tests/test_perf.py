@@ -131,3 +131,26 @@ def test_batch_size_auto_probes_once_per_evaluation_not_once_per_task(tiny_model
         runs[batch] = (len(probes), out["config"]["routing"]["per_task"])
     assert runs["auto"][0] == 1 and runs[4][0] == 0
     assert {t: v["tokens"] for t, v in runs["auto"][1].items()} == {t: v["tokens"] for t, v in runs[4][1].items()}
+
+
+def test_sweep_collects_lm_evals_environment_info_once(monkeypatch):
+    """lm-eval's add_env_info (torch's collect_env: about a second of subprocesses) runs for a sweep's first
+    setting; the others get a copy of what it added, and lm-eval's own function is back afterwards."""
+    import lm_eval.evaluator as evaluator
+
+    from lm_eval_bh.commands.sweep import env_info_once
+
+    calls = []
+
+    def fake(storage):
+        calls.append(1)
+        storage.update(pretty_env_info=f"env {len(calls)}", lm_eval_version="x")
+
+    monkeypatch.setattr(evaluator, "add_env_info", fake)
+    results = [{"results": {}} for _ in range(3)]
+    with env_info_once():
+        for r in results:
+            evaluator.add_env_info(r)
+    assert len(calls) == 1
+    assert all(r == {"results": {}, "pretty_env_info": "env 1", "lm_eval_version": "x"} for r in results)
+    assert evaluator.add_env_info is fake
