@@ -44,18 +44,18 @@ from .load import (ACC_TIE, ANALYZE_PREFIX, AVERAGE, COLUMNS, COST_TIE, FIXED_RU
                    load_item_scores, load_results, metric_scale, params_from_config, parse_model_args,
                    primary_metric, read_model_config, recorded_config, samples_source)
 from .plot import make_plot
-from .stats import (add_average, add_matched_cost, build_report, interpolate_fixed, interpolation_weights,
+from .stats import (add_average, add_twins, average_notes, add_matched_cost, build_report, interpolate_fixed, interpolation_weights,
                     is_summary, mark_pareto, pareto_mask, undefined_settings)
-from .tables import _short_model, per_task_table, render, summary_table, summary_tasks
+from .tables import _short_model, per_task_table, render, summary_table, summary_tasks, target_table
 
 __all__ = [  # the library API, as `from lm_eval_bh.commands import report as R; R.<name>`
     "ACC_TIE", "ANALYZE_PREFIX", "AVERAGE", "COLUMNS", "COST_TIE", "FIXED_RULE", "GROUP", "REPORT_COLUMNS",
-    "_setting_label", "add_arguments", "add_average", "add_matched_cost", "assign_evaluations", "build_report",
+    "_setting_label", "add_arguments", "add_average", "add_twins", "average_notes", "add_matched_cost", "assign_evaluations", "build_report",
     "dedupe", "evaluation_key", "find_result_files", "higher_is_better", "interpolate_fixed",
     "interpolation_weights", "is_summary", "load_item_scores", "load_results", "make_plot", "mark_pareto",
     "metric_scale", "pareto_mask", "params_from_config", "parse_model_args", "per_task_table", "primary_metric",
     "read_model_config", "recorded_config", "render", "report", "run", "samples_source", "summary_table",
-    "summary_tasks", "undefined_settings",
+    "summary_tasks", "target_table", "undefined_settings",
 ]
 
 # --------------------------------------------------------------------------- CLI
@@ -100,17 +100,20 @@ def report(paths, fmt="md", output=None, plot=None, err=None) -> tuple[str, "pd.
     df, skipped = load_results(files)
     for name, why in missing + skipped:
         print(f"lm-eval-bh report: skipped {name}: {why}", file=err)
-    if not df.empty and (df["evaluation"] != "").any():
-        for model, g in df.groupby("model"):
-            if g["evaluation"].nunique() > 1:
-                print(f"lm-eval-bh report: {_short_model(model)}: files of {g['evaluation'].nunique()} different "
-                      f"evaluations ({'; '.join(sorted(g['evaluation'].unique()))}); each is reported on its own "
-                      "(column 'evaluation'), never mixed", file=err)
+    for line in split_lines(df) + reference_lines(df):
+        print(f"lm-eval-bh report: {line}", file=err)
     df, shadowed = dedupe(df)
     if shadowed:
         print(f"lm-eval-bh report: {len(shadowed)} older file(s) with the same setting ignored "
               f"(newest kept): {', '.join(shadowed)}", file=err)
     rep = build_report(df)
+    for line in average_notes(rep) if not rep.empty else []:
+        print(f"lm-eval-bh report: {line}", file=err)
+    if not rep.empty:
+        missing_delta = rep[rep["no_delta"].fillna("") != ""]
+        for (evaluation, setting, why), g in missing_delta.groupby(["evaluation", "setting", "no_delta"], sort=False):
+            where = "; ".join(x for x in (evaluation, ", ".join(g["task"])) if x)
+            print(f"lm-eval-bh report: no Δ vs top-k for {setting} ({where}): {why}", file=err)
     undefined = undefined_settings(rep) if not rep.empty else []
     if undefined:
         print("lm-eval-bh report: undefined metric (NaN), so no average, Pareto mark or Δ for: "
@@ -124,6 +127,27 @@ def report(paths, fmt="md", output=None, plot=None, err=None) -> tuple[str, "pd.
         _write("--plot", plot, lambda p: fig.savefig(p, dpi=120, bbox_inches="tight"))
         print(f"lm-eval-bh report: wrote {plot}", file=err)
     return text, rep
+
+
+def split_lines(df: "pd.DataFrame") -> list[str]:
+    """A line per model whose files are of several evaluations: which fields told them apart."""
+    out = []
+    if df.empty or not (df["evaluation"] != "").any():
+        return out
+    for model, g in df.groupby("model"):
+        if g["evaluation"].nunique() > 1:
+            out.append(f"{_short_model(model)}: files of {g['evaluation'].nunique()} different evaluations, told apart "
+                       f"by what each recorded ({' | '.join(sorted(g['evaluation'].unique()))}); each is reported on "
+                       "its own (column 'evaluation'), never mixed or compared")
+    return out
+
+
+def reference_lines(df: "pd.DataFrame") -> list[str]:
+    """A line per fixed-k setting that is not used as a stock top-k reference, with why."""
+    if df.empty or "_not_reference" not in df.columns:
+        return []
+    bad = df[df["_not_reference"].fillna("").astype(bool)].drop_duplicates(GROUP + ["setting"])
+    return [f"{r['setting']}: not a stock top-k reference ({r['_not_reference']})" for _, r in bad.iterrows()]
 
 
 def run(args) -> int:

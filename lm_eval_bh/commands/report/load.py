@@ -9,6 +9,7 @@ top-k from ``model_args`` (``num_experts_per_tok=K``) or from the model's config
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,9 @@ from ...results_schema import routing_block
 
 AVERAGE = "(average)"
 FIXED_RULE = "top-k"
+LAYER_RULE = "layer-k"  # a fixed top-k with its own k per layer (layer_k= or layer_budget=)
+BUDGET_FIELDS = ("target_k", "layer_k", "layer_budget")
+ROUTED_MODELS = ("olmoe_bh", "moe_bh")  # lm-eval model names whose results carry config.routing
 ANALYZE_PREFIX = "analyze:"
 # Two accuracies (costs) closer than half the last printed digit are a tie on the Pareto front.
 ACC_TIE, COST_TIE = 5e-5, 5e-4
@@ -34,7 +38,11 @@ COLUMNS = [
     "value", "stderr",
     "mean_k", "top_k", "expert_fraction", "active_params", "n_tasks", "limit", "source", "file",
 ]
-REPORT_COLUMNS = COLUMNS + ["pareto", "topk_value_at_k", "delta_vs_topk", "delta_se", "delta_se_kind"]
+REPORT_COLUMNS = COLUMNS + [
+    "avg_tasks", "target_k", "pareto", "topk_value_at_k", "delta_vs_topk", "delta_se", "delta_se_kind", "no_delta",
+    "topk_at_target", "delta_at_target", "delta_at_target_se",
+    "twin", "delta_vs_twin", "delta_vs_twin_se", "alloc_delta", "alloc_se",
+]
 GROUP = ["model", "evaluation"]
 
 
@@ -178,10 +186,18 @@ def recorded_config(settings: dict):
 
 def _setting_label(settings: dict, source: str = "olmoe_bh") -> tuple[str, str, int | None, float]:
     """(setting label, rule, fixed k or None, alpha) from config["routing"]["settings"]; the label
-    names only the parameters that change the routing (`RoutingConfig.label`)."""
+    names only the parameters that change the routing (`RoutingConfig.label`), plus the budget fields
+    (`target_k`, `layer_k`, `layer_budget`) where the settings carry them."""
     cfg = recorded_config(settings)
     effective = dict(cfg.effective())
     label = cfg.label()
+    for name in BUDGET_FIELDS:
+        value = settings.get(name)
+        if value not in (None, "", []) and f"{name}=" not in label:
+            text = os.path.basename(value) if name == "layer_budget" else _budget_text(value)
+            label += f" {name}={text}"
+    if _per_layer(settings):
+        return f"{source} {label}", LAYER_RULE, None, math.nan
     if "k" in effective and cfg.mode != "analyze":
         return f"{source} {label}", FIXED_RULE, int(effective["k"]), math.nan
     rule = str(effective.get("selection", "topk")) + (f"/{effective['pvalue']}" if "pvalue" in effective else "")
@@ -192,6 +208,101 @@ def _setting_label(settings: dict, source: str = "olmoe_bh") -> tuple[str, str, 
     return label, rule, None, _as_float(effective.get("alpha"))
 
 
+def _budget_text(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(_short(float(v)) if isinstance(v, (int, float)) else str(v) for v in value)
+    return _short(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _per_layer(settings: dict) -> bool:
+    """A fixed top-k with its own k per layer (`layer_k`, or `layer_budget` from another run's means)."""
+    return any(settings.get(n) not in (None, "", []) for n in ("layer_k", "layer_budget"))
+
+
+def _block_problem(block) -> str | None:
+    """Why a routing block cannot be reported (None when it can): unknown rule, bounds or no mean k."""
+    from ...config import MODES, PVALUES, SELECTIONS
+
+    st = block.settings
+    for name, allowed in (("selection", SELECTIONS), ("pvalue", PVALUES), ("mode", MODES)):
+        if st.get(name, "bh" if name == "selection" else "zscore" if name == "pvalue" else "patch") not in allowed:
+            return f"routing block damaged: settings.{name}={st.get(name)!r} is not one of {', '.join(allowed)}"
+    min_k, max_k = st.get("min_k", 1), st.get("max_k")
+    if not _is_int(min_k) or min_k < 1 or (max_k is not None and (not _is_int(max_k) or max_k < min_k)):
+        return f"routing block damaged: settings min_k={min_k!r}, max_k={max_k!r}"
+    mean_k = _as_float(block.mean_experts_per_token)
+    if not (math.isfinite(mean_k) and mean_k > 0):
+        return f"routing block damaged: mean_experts_per_token={block.mean_experts_per_token!r}"
+    if not (_is_int(block.model.top_k) and block.model.top_k > 0):
+        return f"routing block damaged: model.top_k={block.model.top_k!r}"
+    return None
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def calibration_facts(block, identity: dict) -> tuple[str | None, bool | None]:
+    """(sha256 of the calibration's content, whether its null is per expert), each None where unknown:
+    from what the results file records (the routing block's calibration provenance, the settings, the
+    sweep identity), else from the file at the recorded path if it is still there."""
+    st = block.settings
+    prov = block.extra.get("calibration")
+    prov = prov if isinstance(prov, dict) else {}
+    sha = next((v for v in (prov.get("sha256"), prov.get("hash"), st.get("calibration_sha256"),
+                            ((identity or {}).get("routing") or {}).get("calibration_sha256"))
+                if isinstance(v, str) and v), None)
+    per_expert = prov.get("per_expert") if isinstance(prov.get("per_expert"), bool) else None
+    path = st.get("calibration")
+    if isinstance(path, str) and os.path.isfile(path) and (sha is None or per_expert is None):
+        from ...calibration import read_header
+
+        if sha is None:
+            h = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            sha = h.hexdigest()
+        if per_expert is None:
+            try:
+                per_expert = bool(read_header(path)["per_expert"])
+            except Exception:  # noqa: BLE001 - unreadable now: unknown
+                per_expert = None
+    return sha, per_expert
+
+
+def _with_calibration_hash(label: str, settings: dict, sha: str | None) -> str:
+    """The label's ``cal=<name>`` word made unique: ``cal=<name>@<first 8 hex of its content hash>``, or
+    the full recorded path where no hash is known (two files with one name never share a label)."""
+    path = settings.get("calibration")
+    if not isinstance(path, str) or not path:
+        return label
+    word = f"cal={os.path.basename(path)}"
+    unique = f"{word}@{sha[:8]}" if sha else f"cal={path}"
+    return label.replace(word, unique, 1) if word in label else f"{label} {unique}"
+
+
+def reference_problem(block, per_expert: bool | None, model_renormalizes: bool | None) -> str | None:
+    """None when a fixed-k run routes exactly like the stock router at that k (a valid top-k
+    reference), else why not: a per-layer k, a per-expert null (it orders the experts otherwise), a
+    null that cannot be read, or weights renormalized unlike the model's router."""
+    from ...config import PVALUES
+
+    st = block.settings
+    if _per_layer(st):
+        return "its k differs per layer"
+    if not PVALUES[st.get("pvalue", "zscore")].monotone:
+        if per_expert is None:
+            return (f"pvalue={st.get('pvalue')} with a calibration that cannot be read now: whether its null "
+                    "is per expert (then it selects other experts than the stock router) is unknown")
+        if per_expert:
+            return f"pvalue={st.get('pvalue')} with a per-expert null selects other experts than the stock router"
+    renorm = st.get("renormalize")
+    if isinstance(renorm, bool) and model_renormalizes is not None and renorm != model_renormalizes:
+        return f"renormalize={renorm} unlike the model's router"
+    return None
+
+
 def _leaf_tasks(data: dict) -> list[str]:
     results = data.get("results") or {}
     groups = set((data.get("group_subtasks") or {}).keys()) | set((data.get("groups") or {}).keys())
@@ -200,23 +311,61 @@ def _leaf_tasks(data: dict) -> list[str]:
 
 
 def evaluation_key(data: dict, margs: dict, pretrained: str) -> dict:
-    """What must agree for two files' numbers to be compared (None = not recorded, matches anything)."""
-    identity = (data.get("sweep") or {}).get("identity") or {}
-    model = identity.get("model") or {}
-    versions = identity.get("versions") or {}
-    limit = _as_float(data.get("config", {}).get("limit"))
+    """What must agree for two files' numbers to be compared.
+
+    What lm-eval records in every results file is compared as run, its defaults made explicit: no
+    limit is "all", no chat template "none", the dtype is the one the model was loaded in (lm-eval's
+    ``model_dtype``, else ``dtype=`` of model_args, else "unrecorded"): a field one file records
+    differs from the other's default. The fields only a sweep records (``sweep.identity``: the model's
+    fingerprint, task and tokenizer hashes, lm-eval-bh's version...) are None in a plain lm_eval run's
+    key: None agrees with anything, but never joins two different groups (`assign_evaluations`)."""
+    config = data.get("config") or {}
+    identity = (data.get("sweep") or {}).get("identity")
+    identity = identity if isinstance(identity, dict) else {}
+    limit = _as_float(config.get("limit"))
     shots = sorted({str(v) for t, v in (data.get("n-shot") or {}).items() if t in _leaf_tasks(data)})
-    sha = (data.get("config") or {}).get("model_sha")
-    return {
+    dtype = config.get("model_dtype") or margs.get("dtype")
+    template = data.get("chat_template_sha") or data.get("chat_template")
+    system = data.get("system_instruction_sha") or data.get("system_instruction")
+    key = {
         "model": pretrained,
-        "fingerprint": model.get("fingerprint") or model.get("revision") or sha or None,
-        "limit": None if math.isnan(limit) else limit,
-        "num_fewshot": ",".join(shots) or None,
-        "dtype": str(margs.get("dtype")) if margs.get("dtype") is not None else None,
-        "lm_eval": data.get("lm_eval_version") or versions.get("lm_eval"),
-        "transformers": data.get("transformers_version") or versions.get("transformers"),
-        "lm_eval_bh": versions.get("lm_eval_bh"),
+        "limit": "all" if math.isnan(limit) else _short(limit),
+        "num_fewshot": ",".join(shots) or "unrecorded",
+        "dtype": str(dtype).removeprefix("torch.") if dtype not in (None, "", "auto") else "unrecorded",
+        "chat_template": _short(_digest(template)) if template else "none",
+        "system_instruction": _short(_digest(system)) if system else "none",
+        "fewshot_as_multiturn": str(bool(data.get("fewshot_as_multiturn"))).lower(),
+        "lm_eval": str(data.get("lm_eval_version") or "unrecorded"),
+        "transformers": str(data.get("transformers_version") or "unrecorded"),
     }
+    routing_args = set(_routing_fields()) | set(BUDGET_FIELDS)
+    for name, value in _flat(identity).items():
+        if name.startswith(("routing.", "tasks", "limit", "num_fewshot")) or name == "model.pretrained":
+            continue
+        if name.startswith("model.args.") and name[len("model.args."):] in routing_args | {"dtype"}:
+            continue
+        key[f"sweep:{name}"] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return key
+
+
+def _digest(text) -> str:
+    text = str(text)
+    return text if len(text) == 64 else hashlib.sha256(text.encode()).hexdigest()
+
+
+def _routing_fields() -> tuple[str, ...]:
+    from ...config import RoutingConfig
+
+    return tuple(RoutingConfig.__dataclass_fields__)
+
+
+def _flat(d, prefix: str = "") -> dict:
+    if isinstance(d, dict):
+        out = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d} if prefix else {}
 
 
 def load_results(files: Iterable[Path], config_reader=read_model_config) -> tuple["pd.DataFrame", list[tuple[str, str]]]:
@@ -246,6 +395,9 @@ def load_results(files: Iterable[Path], config_reader=read_model_config) -> tupl
         except (OSError, ValueError, UnicodeDecodeError) as e:
             skipped.append((str(f), f"unreadable ({type(e).__name__}: {str(e)[:80]})"))
             continue
+        except RecursionError:
+            skipped.append((str(f), "unreadable (JSON nested too deeply)"))
+            continue
         try:
             new_rows, note, key = _rows_from_results(data, Path(f), get_cfg)
         except Exception as e:  # noqa: BLE001 - a malformed file must never stop the report
@@ -265,17 +417,18 @@ def load_results(files: Iterable[Path], config_reader=read_model_config) -> tupl
 
 
 def assign_evaluations(keys: list[dict]) -> list[str]:
-    """A label per file key: files whose keys agree (a field not recorded agrees with anything, but
-    must not join two different groups) share one. The label names the fields that tell the groups
-    of one model apart ("" where the model has one group)."""
+    """A label per file key: files whose keys agree share one (a field a key lacks, or holds as None,
+    agrees with anything, but must not join two different groups). The label names the fields, with
+    their values, that tell the groups of one model apart ("" where the model has one group)."""
     groups: list[dict] = []
     member: list[int] = [0] * len(keys)
-    order = sorted(range(len(keys)), key=lambda i: sum(v is None for v in keys[i].values()))
+    fields = sorted({f for k in keys for f in k})
+    order = sorted(range(len(keys)), key=lambda i: sum(keys[i].get(f) is None for f in fields))
     for i in order:
         k = keys[i]
         fits = [g for g, gk in enumerate(groups)
-                if gk["model"] == k["model"] and all(a is None or b is None or a == b
-                                                     for f, a in k.items() for b in [gk.get(f)])]
+                if gk["model"] == k["model"] and all(k.get(f) is None or gk.get(f) is None or k.get(f) == gk.get(f)
+                                                     for f in fields)]
         if len(fits) == 1:
             g = fits[0]
             groups[g].update({f: v for f, v in k.items() if v is not None})
@@ -289,7 +442,7 @@ def assign_evaluations(keys: list[dict]) -> list[str]:
         if len(same_model) == 1:
             names.append("")
             continue
-        differ = [f for f in gk if f != "model" and len({str(o.get(f)) for o in same_model}) > 1]
+        differ = [f for f in fields if f != "model" and len({str(o.get(f)) for o in same_model}) > 1]
         names.append(" ".join(f"{f}={_short(gk.get(f))}" for f in differ) or f"#{g + 1}")
     return [names[g] for g in member]
 
@@ -299,6 +452,16 @@ def _short(v) -> str:
         return str(int(v))
     s = str(v)
     return s[:10] if len(s) == 64 else s  # a sha256 fingerprint: its first digits
+
+
+def _renormalizes(cfg) -> bool | None:
+    """Whether the model's own router renormalizes its top-k weights; None if its config is unreadable."""
+    from ...families import config_shape
+
+    try:
+        return config_shape(cfg)[2] if not isinstance(cfg, Exception) else None
+    except Exception:  # noqa: BLE001 - not a routed family: unknown
+        return None
 
 
 def samples_source(file: Path, data: dict, task: str) -> tuple[Path, bool] | None:
@@ -314,20 +477,44 @@ def samples_source(file: Path, data: dict, task: str) -> tuple[Path, bool] | Non
 
 
 def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str | None, dict]:
+    """(rows, a note on the file or None, its evaluation key); no rows (and the note says why) for a
+    file that is not an lm-eval results file, or a routed run whose routing block is missing or damaged."""
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict) or not data["results"]:
         return [], "not an lm-eval results file (no 'results')", {}
     config = data.get("config") or {}
     margs = parse_model_args(config.get("model_args"))
     pretrained = str(margs.get("pretrained") or data.get("model_name") or config.get("model") or "?")
-    block = routing_block(data)
+    source = str(config.get("model") or "?")
+    raw = config.get("routing")
+    if raw is None and source in ROUTED_MODELS:
+        return [], f"a --model {source} run without its routing block (config.routing): its routing is unknown", {}
+    if raw is not None and not isinstance(raw, dict):
+        return [], f"routing block damaged: config.routing is a {type(raw).__name__}, not an object", {}
+    try:
+        block = routing_block(data)
+    except (KeyError, TypeError, ValueError) as e:
+        return [], f"routing block damaged ({type(e).__name__}: {str(e)[:80]})", {}
     date = _as_float(data.get("date"))
     limit = config.get("limit")
-    source = str(config.get("model") or "?")
     note = None
+    identity = (data.get("sweep") or {}).get("identity")
 
     per_task_k: dict = {}
+    settings: dict = {}
+    not_reference = None
     if block is not None:
-        setting, rule, fixed_k, alpha = _setting_label(block.settings, source)
+        problem = _block_problem(block)
+        if problem:
+            return [], problem, {}
+        settings = block.settings
+        setting, rule, fixed_k, alpha = _setting_label(settings, source)
+        sha, per_expert = (calibration_facts(block, identity if isinstance(identity, dict) else {})
+                           if settings.get("calibration") else (None, None))
+        setting = _with_calibration_hash(setting, settings, sha)
+        if rule in (FIXED_RULE, LAYER_RULE):
+            not_reference = reference_problem(block, per_expert, _renormalizes(get_cfg(pretrained)))
+            if not_reference and rule == FIXED_RULE:
+                rule = f"{FIXED_RULE} (not stock)"
         top_k = float(block.model.top_k)
         mean_k = _as_float(block.mean_experts_per_token)
         active = _as_float(block.active_params_per_token)
@@ -387,6 +574,10 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
             "_tokens": _as_float(pt.tokens) if pt is not None else math.nan,
             "_dense": dense, "_per_k": per_k,
             "_filter": filt, "_samples": samples_source(file, data, task),
+            "target_k": _as_float(settings.get("target_k")),
+            "_not_reference": not_reference,
+            "_per_layer": tuple(_as_float(x) for x in block.per_layer_mean) if block is not None else (),
+            "_layer_budget": str(settings.get("layer_budget") or ""),
         })
     if not rows:
         return [], "no task with a numeric metric", {}
@@ -410,7 +601,7 @@ def load_item_scores(source: tuple[Path, bool] | None, task: str, metric: str, f
                 v = s[metric]
                 out[s["doc_id"]] = ((_as_float(v[0]), _as_float(v[1])) if isinstance(v, list) and len(v) == 2
                                     else _as_float(v))
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     return out or None
 
