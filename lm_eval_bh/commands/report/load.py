@@ -190,11 +190,11 @@ def _setting_label(settings: dict, source: str = "olmoe_bh") -> tuple[str, str, 
     (`target_k`, `layer_k`, `layer_budget`) where the settings carry them."""
     cfg = recorded_config(settings)
     effective = dict(cfg.effective())
-    label = cfg.label()
+    label = LAYER_RULE if _per_layer(settings) else cfg.label()  # a k per layer: no one k, no rule, to name
     for name in BUDGET_FIELDS:
         value = settings.get(name)
         if value not in (None, "", []) and f"{name}=" not in label:
-            text = os.path.basename(value) if name == "layer_budget" else _budget_text(value)
+            text = os.path.basename(str(value)) if name == "layer_budget" else _budget_text(value)
             label += f" {name}={text}"
     if _per_layer(settings):
         return f"{source} {label}", LAYER_RULE, None, math.nan
@@ -443,7 +443,8 @@ def assign_evaluations(keys: list[dict]) -> list[str]:
             names.append("")
             continue
         differ = [f for f in fields if f != "model" and len({str(o.get(f)) for o in same_model}) > 1]
-        names.append(" ".join(f"{f}={_short(gk.get(f))}" for f in differ) or f"#{g + 1}")
+        names.append(" ".join(f"{f}={_short(gk.get(f)) if gk.get(f) is not None else 'unrecorded'}" for f in differ)
+                     or f"#{g + 1}")
     return [names[g] for g in member]
 
 

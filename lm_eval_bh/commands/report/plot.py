@@ -34,11 +34,13 @@ def make_plot(rep: "pd.DataFrame"):
               for avg in (sorted(set(rep.loc[rep["task"] == task, "avg_tasks"])) or [""])]
     fig = Figure(figsize=(8.5, 4.5 * len(panels)))
     FigureCanvasAgg(fig)
+    drawn = []
     for i, (task, avg) in enumerate(panels):
         ax = fig.add_subplot(len(panels), 1, i + 1)
-        labels = _plot_panel(ax, rep[(rep["task"] == task) & (rep["avg_tasks"] == avg)], task,
-                             avg if len(panels) > 1 and task == AVERAGE else "", _metric_of(rep, task))
-        fig.subplots_adjust(hspace=0.35)
+        drawn.append((ax, _plot_panel(ax, rep[(rep["task"] == task) & (rep["avg_tasks"] == avg)], task,
+                                      avg if len(panels) > 1 and task == AVERAGE else "", _metric_of(rep, task))))
+    fig.subplots_adjust(hspace=0.35)
+    for ax, labels in drawn:  # once the layout is final
         place_labels(ax, labels)
     return fig
 
@@ -51,6 +53,7 @@ def place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
     """Annotate each (text, x, y) at the first offset of OFFSETS where its box overlaps no label placed
     before it (a crowded spot keeps the last offset)."""
     renderer = ax.figure.canvas.get_renderer()
+    ax.get_xlim(), ax.get_ylim()  # settle the autoscaled limits the boxes are measured in
     placed = []
     for text, x, y in sorted(labels, key=lambda t: (t[1], t[2])):
         for dx, dy in OFFSETS:
