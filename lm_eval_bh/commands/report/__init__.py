@@ -146,7 +146,8 @@ def reference_lines(df: "pd.DataFrame") -> list[str]:
     """A line per fixed-k setting that is not used as a stock top-k reference, with why."""
     if df.empty or "_not_reference" not in df.columns:
         return []
-    bad = df[df["_not_reference"].fillna("").astype(bool)].drop_duplicates(GROUP + ["setting"])
+    bad = df[df["_not_reference"].fillna("").astype(bool) & df["rule"].str.startswith(FIXED_RULE)]
+    bad = bad.drop_duplicates(GROUP + ["setting"])  # (a layer-k run is not one k by design: no line)
     return [f"{r['setting']}: not a stock top-k reference ({r['_not_reference']})" for _, r in bad.iterrows()]
 
 

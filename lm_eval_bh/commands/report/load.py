@@ -322,6 +322,7 @@ def evaluation_key(data: dict, margs: dict, pretrained: str) -> dict:
     config = data.get("config") or {}
     identity = (data.get("sweep") or {}).get("identity")
     identity = identity if isinstance(identity, dict) else {}
+    versions = identity.get("versions") if isinstance(identity.get("versions"), dict) else {}
     limit = _as_float(config.get("limit"))
     shots = sorted({str(v) for t, v in (data.get("n-shot") or {}).items() if t in _leaf_tasks(data)})
     dtype = config.get("model_dtype") or margs.get("dtype")
@@ -335,8 +336,8 @@ def evaluation_key(data: dict, margs: dict, pretrained: str) -> dict:
         "chat_template": _short(_digest(template)) if template else "none",
         "system_instruction": _short(_digest(system)) if system else "none",
         "fewshot_as_multiturn": str(bool(data.get("fewshot_as_multiturn"))).lower(),
-        "lm_eval": str(data.get("lm_eval_version") or "unrecorded"),
-        "transformers": str(data.get("transformers_version") or "unrecorded"),
+        "lm_eval": str(data.get("lm_eval_version") or versions.get("lm_eval") or "unrecorded"),
+        "transformers": str(data.get("transformers_version") or versions.get("transformers") or "unrecorded"),
     }
     routing_args = set(_routing_fields()) | set(BUDGET_FIELDS)
     for name, value in _flat(identity).items():

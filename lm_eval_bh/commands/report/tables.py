@@ -169,6 +169,8 @@ def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
             part = rep[(rep["task"] != task) | (rep["avg_tasks"] == avg_tasks)]
             parts += _summary_section(part, rows, task, several=rep.loc[rep["task"] == task, "avg_tasks"].nunique() > 1)
     lower = "" if rep["higher_is_better"].astype(bool).all() else "; ↓: lower is better"
+    if (rep["scale"] == "log").any():
+        lower += "; Δ of a perplexity: log(value / top-k value)"
     parts += [f"## Per task (primary metric: acc_norm, else acc, else the task's first metric{lower})\n",
               _to_markdown(per_task_table(rep)), ""]
     return "\n".join(p for p in parts if p is not None)
