@@ -433,3 +433,15 @@ def test_report_output_says_what_it_wrote(tmp_path):
     err = io.StringIO()
     R.report([d], output=tmp_path / "out.md", plot=tmp_path / "p.png", err=err)
     assert f"wrote {tmp_path / 'out.md'}" in err.getvalue() and f"wrote {tmp_path / 'p.png'}" in err.getvalue()
+
+
+def test_two_models_averaging_other_tasks_get_their_own_tables_and_panels(tmp_path):
+    d = tmp_path / "r"
+    for model, tasks in (("m1", {"a": 0.5, "b": 0.6}), ("m2", {"a": 0.4})):
+        for k in (1, 4):
+            results_file(d / model / f"topk{k}.json", {t: v + k / 100 for t, v in tasks.items()},
+                         routing=routing_block(float(k), min_k=k, max_k=k), model_args=f"pretrained={model}")
+    text, rep, _ = _report(d)
+    assert set(rep.loc[rep["task"] == R.AVERAGE, "avg_tasks"]) == {"a,b", "a"}
+    assert "## Task average over a per setting" in text and "## Task average over a, b per setting" in text
+    assert len(R.make_plot(rep).axes) == 2

@@ -16,9 +16,18 @@ Inputs are lm-eval's own results JSON (``--output_path`` of ``lm_eval run`` or o
 
 What the report only admits when it can label it truthfully:
 
-* files of different evaluations (model fingerprint, limit, few-shot, dtype, versions) are never
-  mixed: each is its own group (column ``evaluation``), with its own averages, Pareto front and
-  matched-cost reference;
+* files of different evaluations are never mixed: each is its own group (column ``evaluation``, named
+  by the fields that differ; stderr says so), with its own averages, Pareto front and references.
+  What lm-eval records (limit, few-shot, dtype as loaded, chat template, system instruction,
+  fewshot_as_multiturn, versions) is compared with its defaults made explicit, so a run without
+  ``--limit`` is never the reference of a ``--limit 5`` run (`load.evaluation_key`);
+* only stock-equivalent fixed-k runs are top-k references: not a per-layer k (``layer_k``,
+  ``layer_budget``), not a per-expert (or unreadable) calibrated null, not a renormalization unlike
+  the model's router; those are compared with the stock top-k like any setting;
+* Δ and the task average use only tasks the setting shares with its references; a setting without
+  a valid reference has no Δ, and a line says why (column ``no_delta``);
+* labels carry a calibration's content hash; a routed run whose routing block is missing or damaged,
+  or a file nested too deeply to parse, is skipped with a reason;
 * analyze-mode runs route with the stock top-k: they are labelled ``analyze:`` with the stock
   model's cost, and are never a top-k reference or on the Pareto front;
 * a setting with an undefined (NaN) metric on a task has an undefined average, and is left out of
