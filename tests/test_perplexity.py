@@ -203,6 +203,9 @@ def test_perplexity_task_through_lm_eval_cli_sweep_and_report(tiny_model_dir, tm
     assert res["higher_is_better"][PPL] == {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
     assert 1 < res["results"][PPL]["word_perplexity,none"] < math.inf
     assert res["config"]["routing"]["per_task"][PPL]["tokens"] > 0
+    # what the report compares to keep evaluations apart, under the names lm-eval records them
+    assert {"chat_template", "chat_template_sha", "system_instruction", "fewshot_as_multiturn"} <= set(res)
+    assert res["config"]["model_dtype"] == "torch.float32" and res["config"]["limit"] == 3
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert f"## {PPL}: word_perplexity per setting (lower is better" in sweep.stdout
 
