@@ -81,21 +81,22 @@ def test_pareto_and_matched_cost_of_a_lower_is_better_metric(tmp_path, capsys):
     assert not ppl.loc[3.0, "higher_is_better"] and ppl.loc[3.0, "scale"] == "log"
     ref2 = math.exp(math.log(100) + (math.log(20) - math.log(100)) / 3)  # log-interpolated top-k at k = 2
     assert ppl.loc[2.0, "topk_value_at_k"] == pytest.approx(ref2)
-    assert ppl.loc[2.0, "delta_vs_topk"] == pytest.approx(40 - ref2) and ppl.loc[2.0, "delta_vs_topk"] < 0
+    assert ppl.loc[2.0, "delta_vs_topk"] == pytest.approx(math.log(40 / ref2)) and ppl.loc[2.0, "delta_vs_topk"] < 0
     assert math.isnan(ppl.loc[2.0, "delta_se"])  # lm-eval records no stderr, no samples: no SE, none invented
     # the accuracy average holds the accuracy task only, and its front goes by max accuracy
     avg = rep[rep["task"] == R.AVERAGE].set_index("mean_k")
     assert (avg["n_tasks"] == 1).all() and avg.loc[2.0, "value"] == 0.40
     assert set(avg[avg["pareto"]].index) == {1.0, 2.0, 3.0, 4.0}
     # rendered: the accuracy table, then the perplexity table with its own direction and front
-    head = f"## {PPL}: word_perplexity per setting (lower is better; Pareto: * = min word_perplexity"
+    head = f"## {PPL}: word_perplexity per setting (lower is better; Pareto: * = on the front of min word_perplexity"
     assert "## Task average per setting" in text and head in text
     table = text[text.index(head):text.index("## Per task")]
     rows = {c[0]: c for c in ([x.strip() for x in ln.strip("|").split("|")] for ln in table.splitlines()
                                if ln.startswith("| ") and "setting" not in ln)}
     assert rows["moe_bh top-1"][-1] == "*" and rows["moe_bh top-4"][-1] == "*"
     assert rows["bh/zscore alpha=0.05 k=1..8"][-1] == "*" and rows["bh/zscore alpha=0.2 k=1..8"][-1] == ""
-    assert "-" + f"{abs(40 - ref2):.4f}" in table and f"{40 / ref2 - 1:+.1%}" in table
+    assert f"{math.log(40 / ref2):+.4f}" in table and f"{40 / ref2 - 1:+.1%}" in table
+    assert "Δ vs top-k: log(word_perplexity / the stock top-k word_perplexity" in table
     assert "word_perplexity ↓" in text
 
     # a NaN perplexity: no Pareto mark, no Δ, named on stderr; the accuracy average is unaffected
@@ -114,8 +115,9 @@ def _ppl_samples(ll, words):
 
 
 def test_paired_se_of_a_perplexity_delta_matches_a_bootstrap_over_documents(tmp_path):
-    """The per-document (log-likelihood, words) pairs give Δ's SE: the linearised SE of a ratio of sums,
-    checked against a direct bootstrap over documents of the same Δ (log-interpolated reference)."""
+    """The per-document (log-likelihood, words) pairs give Δ = log(perplexity / top-k perplexity), the log of a
+    ratio of sums, and its SE by the delta method, checked against a direct bootstrap over documents of the
+    same Δ (log-interpolated reference)."""
     rng = np.random.default_rng(0)
     n = 40
     words = rng.integers(20, 120, n)
@@ -132,7 +134,7 @@ def test_paired_se_of_a_perplexity_delta_matches_a_bootstrap_over_documents(tmp_
 
     def delta(idx):
         nll = {k: -v[idx].sum() / words[idx].sum() for k, v in ll.items()}
-        return math.exp(nll["bh"]) - math.exp(0.5 * nll[1] + 0.5 * nll[4])
+        return nll["bh"] - (0.5 * nll[1] + 0.5 * nll[4])
 
     assert r["delta_vs_topk"] == pytest.approx(delta(np.arange(n)))
     boot = np.std([delta(rng.integers(0, n, n)) for _ in range(4000)])
@@ -147,7 +149,7 @@ def test_paired_se_of_a_perplexity_delta_matches_a_bootstrap_over_documents(tmp_
 def test_per_item_perplexity_is_paired_in_log_and_unpaired_se_scales_with_the_reference(tmp_path):
     """lm-eval's `perplexity` (one log-likelihood per item, aggregated as exp(-mean)): the direction and the
     log scale come from lm-eval's registry, Δ pairs items like a per-document ratio with n_d = 1; without
-    samples, the log-interpolated reference's SE is each point's SE scaled by reference / point."""
+    samples, the SE of the log ratio is from each point's relative SE."""
     rng = np.random.default_rng(1)
     n = 60
     base = -rng.gamma(4.0, 0.5, n)  # per-item log-likelihoods
@@ -166,15 +168,15 @@ def test_per_item_perplexity_is_paired_in_log_and_unpaired_se_scales_with_the_re
     r = _row(R.report([d], err=sys.stderr)[1], BH, "lambada_like")
     assert not r["higher_is_better"] and r["scale"] == "log" and r["delta_se_kind"] == "paired"
     ref = math.exp(-(0.5 * ll[1] + 0.5 * ll[4]).mean())
-    assert r["topk_value_at_k"] == pytest.approx(ref) and r["delta_vs_topk"] == pytest.approx(ppl["bh"] - ref)
-    boot = np.std([math.exp(-ll["bh"][i].mean()) - math.exp(-(0.5 * ll[1][i] + 0.5 * ll[4][i]).mean())
+    assert r["topk_value_at_k"] == pytest.approx(ref) and r["delta_vs_topk"] == pytest.approx(math.log(ppl["bh"] / ref))
+    boot = np.std([-ll["bh"][i].mean() + (0.5 * ll[1][i] + 0.5 * ll[4][i]).mean()
                    for i in (rng.integers(0, n, n) for _ in range(4000))])
     assert r["delta_se"] == pytest.approx(boot, rel=0.12)
 
     (d / "bh.samples.jsonl").unlink()
     r = _row(R.report([d], err=sys.stderr)[1], BH, "lambada_like")
-    # each point's SE is 10 % of its value, so each scaled term is 10 % of the reference
-    expected = math.sqrt((0.1 * ppl["bh"]) ** 2 + 2 * (0.5 * 0.1 * ref) ** 2)
+    # each point's SE is 10 % of its value: in log units, 0.1 each
+    expected = math.sqrt(0.1 ** 2 + 2 * (0.5 * 0.1) ** 2)
     assert r["delta_se_kind"] == "unpaired" and r["delta_se"] == pytest.approx(expected)
 
 
@@ -201,6 +203,9 @@ def test_perplexity_task_through_lm_eval_cli_sweep_and_report(tiny_model_dir, tm
     assert res["higher_is_better"][PPL] == {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False}
     assert 1 < res["results"][PPL]["word_perplexity,none"] < math.inf
     assert res["config"]["routing"]["per_task"][PPL]["tokens"] > 0
+    # what the report compares to keep evaluations apart, under the names lm-eval records them
+    assert {"chat_template", "chat_template_sha", "system_instruction", "fewshot_as_multiturn"} <= set(res)
+    assert res["config"]["model_dtype"] == "torch.float32" and res["config"]["limit"] == 3
     assert sweep.returncode == 0, sweep.stderr[-3000:]
     assert f"## {PPL}: word_perplexity per setting (lower is better" in sweep.stdout
 
