@@ -152,16 +152,21 @@ def _routing_fields() -> set[str]:
 
 def setting_id(routing: dict) -> str:
     """File-name-safe id of a setting, naming only the parameters that change its routing
-    (`RoutingConfig.setting_id`), e.g. 'topk8', 'bh-zscore_a0.05_k1-8', 'topp_p0.9_k1-8'. A grid key
-    this installation's RoutingConfig does not know yet (target_k, layer_budget) is appended."""
-    from lm_eval_bh.config import RoutingConfig
+    (`RoutingConfig.setting_id`), e.g. 'topk8', 'bh-zscore_a0.05_k1-8', 'topp_p0.9_k1-8'. Until this
+    installation's RoutingConfig takes them, a target_k replaces the rule's parameter ('bh-zscore_K2_k1-8')
+    and a layer budget names the setting it reads ('topk_lb-bh-zscore_a0.05_k1-8')."""
+    from lm_eval_bh.config import RoutingConfig, _num
+    from lm_eval_bh.routing import SELECTIONS
 
     known = _routing_fields()
-    sid = RoutingConfig(**{k: v for k, v in routing.items() if k in known}).setting_id()
-    for key, value in routing.items():
-        if key not in known:
-            value = Path(value).stem if key == "layer_budget" else value
-            sid += f"_{ {'target_k': 'K', 'layer_budget': 'lb-'}.get(key, key) }{value}"
+    cfg = RoutingConfig(**{k: v for k, v in routing.items() if k in known})
+    sid = cfg.setting_id()
+    if "target_k" in routing and "target_k" not in known:
+        for name in SELECTIONS[cfg.selection].params:
+            token = {"alpha": "a", "top_p": "p"}.get(name, name) + _num(getattr(cfg, name))
+            sid = sid.replace(f"_{token}", f"_K{_num(float(routing['target_k']))}", 1)
+    if "layer_budget" in routing and "layer_budget" not in known:
+        sid += f"_lb-{Path(routing['layer_budget']).stem}"
     return re.sub(r"[^A-Za-z0-9._-]", "_", sid)
 
 
