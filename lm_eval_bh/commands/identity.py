@@ -278,7 +278,7 @@ def setting_identity(evaluation: dict, routing: dict) -> dict:
 
 
 def _flat(d, prefix=""):
-    if isinstance(d, dict) and d:
+    if isinstance(d, dict):
         out = {}
         for k, v in d.items():
             out.update(_flat(v, f"{prefix}{k}."))
@@ -293,7 +293,8 @@ def _short(value) -> str:
 
 
 def identity_diff(old, new: dict) -> list[str]:
-    """'limit: 20 -> 30' for each field that differs ([] when equal)."""
+    """'limit: 20 -> 30' for each field that differs ([] when equal); a field one side does not record
+    at all (an older lm-eval-bh wrote it) differs from every value."""
     if not isinstance(old, dict):
         return ["no identity recorded (written by an older lm-eval-bh or another tool)"]
     a, b = _flat(old), _flat(new)
@@ -301,7 +302,11 @@ def identity_diff(old, new: dict) -> list[str]:
         a.pop("model.pretrained", None)  # the same files, in another folder (or on another machine)
         b.pop("model.pretrained", None)
     missing = object()
-    return [f"{k}: {_short(a.get(k))} -> {_short(b.get(k))}" for k in sorted(set(a) | set(b))
+
+    def show(identity, flat, key):
+        return "(not recorded)" if key.split(".")[0] not in identity else _short(flat.get(key))
+
+    return [f"{k}: {show(old, a, k)} -> {show(new, b, k)}" for k in sorted(set(a) | set(b))
             if a.get(k, missing) != b.get(k, missing)]
 
 
