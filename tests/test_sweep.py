@@ -17,6 +17,7 @@ import pytest
 from conftest import subprocess_env
 
 from lm_eval_bh.commands import report as R
+from lm_eval_bh.commands import identity as I
 from lm_eval_bh.commands import sweep as S
 from lm_eval_bh.errors import UsageError
 
@@ -101,7 +102,8 @@ def test_sweep_resume_after_kill(resumed):
             assert routing["settings"]["alpha"] == float(f.stem.split("_a")[1].split("_")[0])
         identity = data["sweep"]["identity"]
         assert identity["limit"] == 3 and identity["tasks"] == TASKS.split(",") and identity["num_fewshot"] is None
-        assert len(identity["model"]["fingerprint"]) == 64 and identity["model"]["args"] == {"dtype": "float32"}
+        assert len(identity["model"]["fingerprint"]) == 64 and identity["model"]["args"] == {}
+        assert identity["dtype"] == "float32" and set(identity["task_sha256"]) == set(TASKS.split(","))
         assert set(identity["versions"]) == {"lm_eval_bh", "lm_eval", "transformers"}
         # the per-sample outputs: 3 items per task, with their per-item metric
         samples = [json.loads(x) for x in (out / f"{f.stem}.samples.jsonl").read_text().splitlines()]
@@ -176,7 +178,7 @@ def test_write_atomic_never_leaves_a_partial_file(tmp_path):
     code = """
 import resource, signal, sys
 from pathlib import Path
-from lm_eval_bh.commands.sweep import write_atomic
+from lm_eval_bh.commands.claims import write_atomic
 from lm_eval_bh.errors import UsageError
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
@@ -215,7 +217,8 @@ def _tiny_mixtral(folder: Path) -> Path:
 
 
 def test_calibrated_settings_any_path_and_family_model_name(tmp_path):
-    """--calibration takes a path with commas; a non-OLMoE model runs as moe_bh and is labelled so."""
+    """--calibration takes a path with commas and serves every method that needs a null (calibrated and
+    ecdf p-values); a non-OLMoE model runs as moe_bh and is labelled so."""
     import numpy as np
 
     from lm_eval_bh.calibration import Calibration, save_calibration
@@ -226,12 +229,14 @@ def test_calibrated_settings_any_path_and_family_model_name(tmp_path):
     null = np.sort(np.random.default_rng(0).normal(size=(2, 256)).astype(np.float32), axis=-1)
     cal = save_calibration(cal_dir / "cal,1.json", Calibration(null, {"model": "mixtral", "num_experts": 16}))
     out = tmp_path / "sweep"
-    p = _run(_sweep_cmd(model, out, "--pvalues", "zscore,calibrated", "--calibration", str(cal), "--alphas", "0.2",
+    p = _run(_sweep_cmd(model, out, "--pvalues", "zscore,calibrated,ecdf", "--calibration", str(cal), "--alphas", "0.2",
                         "--topk", "1", tasks="mmlu_dev_offline", limit="2"))
     assert p.returncode == 0, p.stderr[-3000:]
     files = {f.stem: f for f in out.glob("*.json")}
     calibrated = next(sid for sid in files if sid.startswith("bh-calibrated_a0.2_k1-4_cal-cal_1-"))
-    assert set(files) == {"topk1", "bh-zscore_a0.2_k1-4", calibrated}
+    ecdf = next(sid for sid in files if sid.startswith("bh-ecdf_a0.2_k1-4_cal-cal_1-"))
+    assert set(files) == {"topk1", "bh-zscore_a0.2_k1-4", calibrated, ecdf}
+    assert json.loads(files[ecdf].read_text())["config"]["routing"]["settings"]["pvalue"] == "ecdf"
     data = json.loads(files[calibrated].read_text())
     assert data["config"]["model"] == "moe_bh" and data["config"]["routing"]["settings"]["calibration"] == str(cal)
     assert data["sweep"]["identity"]["routing"]["calibration_sha256"]
@@ -267,6 +272,19 @@ def test_grid_has_distinct_settings_and_labels_name_only_what_applies():
     assert [sid for sid, _ in grid] == ["topk4"]
 
 
+def test_lfdr_crossed_with_zscore_reads_the_calibration_and_ignores_the_pvalues():
+    """lfdr reads the null: crossed with zscore it runs with the calibration (the p-values only order
+    the experts, so with calibrated p-values it is another setting); BH with zscore takes none."""
+    cal = __file__  # any existing file: the grid does not read it
+    grid = dict(S.build_grid(_args(selections="bh,lfdr", pvalues="zscore,calibrated", alphas="0.2", topk="none",
+                                   calibration=cal), top_k=4, num_experts=16, base_routing={}))
+    lfdr = [sid for sid in grid if sid.startswith("lfdr")]
+    assert [sid.split("_cal-")[0] for sid in lfdr] == ["lfdr_a0.2_k1-4", "lfdr-calibrated_a0.2_k1-4"]
+    assert all(grid[sid]["calibration"] == cal for sid in lfdr)
+    assert "calibration" not in grid["bh-zscore_a0.2_k1-4"]
+    assert grid[next(s for s in grid if s.startswith("bh-calibrated"))]["calibration"] == cal
+
+
 def test_analyze_mode_grid_has_no_fixed_baselines():
     grid = S.build_grid(_args(alphas="0.05"), top_k=4, num_experts=16, base_routing={"mode": "analyze"})
     assert [sid for sid, _ in grid] == ["analyze_bh-zscore_a0.05_k1-4"]
@@ -290,7 +308,9 @@ def lm_eval_logging():
 @pytest.mark.parametrize("extra, flag", [
     (["--alphas", "0.05,1.5"], "--alphas"),
     (["--pvalues", "bogus"], "--pvalues"),
-    (["--pvalues", "calibrated"], "--pvalues calibrated needs --calibration"),
+    (["--pvalues", "calibrated"], "--calibration: --pvalues calibrated, --pvalues ecdf, --selections lfdr need"),
+    (["--selections", "lfdr"], "--calibration: --pvalues calibrated"),
+    (["--calibration", __file__], "--calibration is only used with --pvalues calibrated, --pvalues ecdf"),
     (["--calibration", "/no/such,file.json", "--pvalues", "calibrated"], "--calibration"),
     (["--topk", "0"], "--topk"),
     (["--model_args", "alpha=0.1"], "--model_args"),
@@ -315,15 +335,15 @@ def test_identity_of_a_local_model_is_its_files(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(tiny_model(), a)
     shutil.copytree(a, b)
-    ident = lambda m, limit=3: S.evaluation_identity(str(m), {"dtype": "float32"}, ["t"], limit, None)  # noqa: E731
-    assert S.identity_diff(ident(a), ident(b)) == []
-    assert S.identity_diff(ident(a), ident(b, limit=4)) == ["limit: 3 -> 4"]
+    ident = lambda m, limit=3: I.evaluation_identity(str(m), {"dtype": "float32"}, ["t"], limit, None)  # noqa: E731
+    assert I.identity_diff(ident(a), ident(b)) == []
+    assert I.identity_diff(ident(a), ident(b, limit=4)) == ["limit: 3 -> 4"]
     weights = next(b.glob("*.safetensors"))
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    assert [d.split(":")[0] for d in S.identity_diff(ident(a), ident(b))] == ["model.fingerprint", "model.pretrained"]
-    assert S.identity_diff(None, ident(a)) == ["no identity recorded (written by an older lm-eval-bh or another tool)"]
+    assert [d.split(":")[0] for d in I.identity_diff(ident(a), ident(b))] == ["model.fingerprint", "model.pretrained"]
+    assert I.identity_diff(None, ident(a)) == ["no identity recorded (written by an older lm-eval-bh or another tool)"]
 
 
 def test_stale_lock_files_of_finished_settings_are_removed(tmp_path):
@@ -331,7 +351,7 @@ def test_stale_lock_files_of_finished_settings_are_removed(tmp_path):
     next sweep removes it unless a live sweep holds it."""
     import fcntl
 
-    from lm_eval_bh.commands.sweep import remove_stale_claims
+    from lm_eval_bh.commands.claims import remove_stale_claims
 
     (tmp_path / ".a.lock").touch()
     held = os.open(tmp_path / ".b.lock", os.O_RDWR | os.O_CREAT, 0o644)
@@ -341,3 +361,58 @@ def test_stale_lock_files_of_finished_settings_are_removed(tmp_path):
         assert not (tmp_path / ".a.lock").exists() and (tmp_path / ".b.lock").exists()
     finally:
         os.close(held)
+
+
+def _fifo(out: Path, name: str) -> None:
+    out.mkdir()
+    os.mkfifo(out / name)
+
+
+def _deep_json(out: Path) -> None:
+    out.mkdir()
+    (out / "topk1.json").write_text("[" * 200_000 + "]" * 200_000)
+
+
+def _read_only(out: Path) -> None:
+    try:  # /sys refuses new files even to root (a chmod'ed folder would not)
+        os.close(os.open("/sys/.lm_eval_bh_probe", os.O_RDWR | os.O_CREAT))
+        os.unlink("/sys/.lm_eval_bh_probe")
+        pytest.skip("/sys is writable here")
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("case, prepare, extra, named", [
+    ("read-only folder", _read_only, ["--output_path", "/sys"], "--output_path: cannot write in /sys"),
+    ("no such GPU", None, None, "--device: cuda:"),
+    ("FIFO results file", lambda out: _fifo(out, "topk1.json"), [], "topk1.json is not a regular file"),
+    ("FIFO samples file", lambda out: _fifo(out, "topk1.samples.jsonl"), [], "topk1.samples.jsonl is not a regular file"),
+    ("deeply nested results file", _deep_json, [], "nested too deeply"),
+    ("accelerate launch", None, [], "WORLD_SIZE=2"),
+])
+def test_unusable_folder_device_files_or_launcher_are_one_line(tmp_path, capsys, monkeypatch, lm_eval_logging,
+                                                               case, prepare, extra, named):
+    """No traceback and no hang (a FIFO read would block forever: an alarm turns a hang into a failure)."""
+    import signal
+
+    import torch
+
+    from lm_eval_bh.cli import main
+
+    out = tmp_path / "o"
+    if prepare:
+        prepare(out)
+    if extra is None:
+        extra = ["--device", f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"]
+    if case == "accelerate launch":
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the sweep hangs"))
+    signal.alarm(120)
+    try:
+        rc = main(_sweep_cmd(tiny_model(), out, "--selections", "topk", "--topk", "1")[3:] + extra)
+    finally:
+        signal.alarm(0)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error" in ln]
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert named in lines[0] and lines[0].startswith("lm-eval-bh sweep: error: ")

@@ -5,9 +5,8 @@ One results file per setting, ``OUTPUT_PATH/<setting_id>.json``, in lm-eval's ow
 ``config["routing"]`` from the model's ``get_model_info``), next to its per-sample outputs
 ``<setting_id>.samples.jsonl`` (lm-eval's ``log_samples`` records without the document and prompt
 text), which ``lm-eval-bh report`` uses for paired standard errors. Each file records the identity
-of its evaluation under ``sweep.identity``: the model (path or hub id, a fingerprint of its config
-and weights or the hub revision, its other model_args), tasks, limit, num_fewshot, the routing
-settings, and the versions of lm-eval-bh, lm-eval and transformers.
+of its evaluation under ``sweep.identity`` (`identity.py`: model files, tasks and their definitions,
+limit, few-shot, chat formatting, dtype, versions) and its routing settings.
 
 Resumable: a setting is skipped only when its file exists with the same identity; a file from another
 evaluation is a one-line error naming what differs (``--overwrite`` re-runs such settings). Files are
@@ -15,11 +14,11 @@ written to a temporary file and moved into place with ``os.replace`` (atomic on 
 or out of disk space, at any moment leaves either a complete results file or none for the setting it
 was running.
 
-Concurrency: a setting is run under an exclusive ``flock`` on ``.<setting_id>.lock``; several sweeps
-on one folder run every setting exactly once, and one waits for the others' settings before printing
-its table. The kernel drops the lock of a process that dies, so a killed sweep never leaves a stale
-claim; the lock file it may leave behind (killed between writing a setting's results and removing the
-file) is removed by the next sweep on the folder.
+Spreading a grid (`claims.py`): several sweeps on one folder claim settings with ``flock`` and run
+every setting exactly once (one waits for the others' settings before printing its table); a sweep of
+another evaluation is refused while one runs there. ``--shard I/N`` runs a deterministic part of the
+grid, balanced by expected cost, with no lock and no shared folder (a Slurm job array, one process per
+GPU); ``report DIR1 DIR2 ...`` joins the parts. ``--list`` prints the grid and each setting's shard.
 
 The model is built once and re-patched per setting with ``set_routing``, which also resets the routing
 statistics. lm-eval's request cache (``use_cache``) keys requests on the model, never on the routing
@@ -30,47 +29,64 @@ so the sweep never passes it. (``cache_requests`` only caches the built prompts,
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
 import os
+import re
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..errors import UsageError
 from ..model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
 from ..model_args import parse_model_args as _parse_model_args
+from . import identity as I
+from .claims import claim, evaluation_lock, remove_stale_claims, write_atomic
 
-GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection", "top_p", "calibration")
-NOT_MODEL_IDENTITY = ("pretrained", "device", "batch_size", "max_batch_size", "compile_router", "router_kernel",
-                      "parallelize")
+GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection", "top_p", "calibration", "target_k", "layer_budget")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model_args", default="", metavar="K=V,...",
                         help="lm-eval model_args without the grid keys: pretrained, dtype, and fixed routing "
                              "options such as temperature or renormalize (default pretrained: OLMoE-1B-7B-0924)")
-    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks or groups")
+    parser.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks or groups (required)")
     parser.add_argument("--include_path", default=None, help="extra task folder (e.g. tasks/)")
     parser.add_argument("--limit", default=None, help="examples per task (integer, or a fraction < 1)")
     parser.add_argument("--num_fewshot", default=None, help="few-shot examples (default: the task's)")
+    parser.add_argument("--apply_chat_template", nargs="?", const=True, default=False, metavar="TEMPLATE",
+                        help="format prompts with the tokenizer's chat template (optionally the named one), as lm-eval")
+    parser.add_argument("--fewshot_as_multiturn", nargs="?", const="true", default=None, metavar="BOOL",
+                        help="few-shot examples as a multi-turn chat (default: on with --apply_chat_template), as lm-eval")
+    parser.add_argument("--system_instruction", default=None, metavar="TEXT", help="system instruction, as lm-eval")
     parser.add_argument("--batch_size", default="1", help="integer or 'auto' (default 1)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:0 ... (default: lm-eval's)")
-    parser.add_argument("--output_path", required=True, metavar="DIR", help="one <setting_id>.json per setting")
-    parser.add_argument("--alphas", default="0.01,0.05,0.1,0.2", help="BH/HC levels, comma-separated")
+    parser.add_argument("--output_path", default=None, metavar="DIR",
+                        help="one <setting_id>.json per setting (required)")
+    parser.add_argument("--alphas", default="0.01,0.05,0.1,0.2", help="BH/HC/lfdr levels, comma-separated")
     parser.add_argument("--pvalues", default="zscore", help="p-value methods, comma-separated")
     parser.add_argument("--selections", default="bh", help="selection rules, comma-separated")
     parser.add_argument("--top_ps", default="0.5,0.7,0.9", help="top_p values (selection topp only)")
+    parser.add_argument("--target_ks", default=None, metavar="K,...",
+                        help="mean experts per token to target: each rule with a parameter (alpha, top_p) runs "
+                             "once per K with target_k=K instead of its --alphas / --top_ps")
+    parser.add_argument("--twins", action="store_true",
+                        help="after each adaptive setting, its layer-budget twin: fixed top-k with that setting's "
+                             "per-layer mean k (layer_budget=<its results file>)")
     parser.add_argument("--calibration", default=None, metavar="FILE",
-                        help="calibration file from `lm-eval-bh calibrate`, for --pvalues calibrated (any path)")
+                        help="calibration file from `lm-eval-bh calibrate`, for every setting that needs a null "
+                             "(--pvalues calibrated or ecdf, --selections lfdr; any path)")
     parser.add_argument("--min_k", default="1", help="minimum experts per token (default 1)")
     parser.add_argument("--max_k", default=None, help="maximum experts per token (default: the model's top_k)")
     parser.add_argument("--topk", default=None,
                         help="fixed top-k baselines, comma-separated (default 1..top_k; 'none' for none)")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only shard I of N (0 <= I < N): a deterministic part of the grid balanced by "
+                             "expected cost; no lock or shared folder needed (see docs/scaling.md)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the grid (setting ids, shard of each, expected cost) and exit; loads nothing")
     parser.add_argument("--bootstrap_iters", default="100000", help="lm-eval bootstrap iterations for stderr")
     parser.add_argument("--overwrite", action="store_true",
                         help="re-run settings whose existing file comes from another evaluation (other model, "
@@ -124,21 +140,40 @@ def parse_model_args(text: str) -> dict:
     for k in GRID_KEYS:
         if k in out:
             flag = "--calibration" if k == "calibration" else "the grid flags"
-            raise UsageError(f"--model_args: '{k}' is a grid key; set it with {flag} "
-                             "(--alphas, --pvalues, --selections, --top_ps, --calibration, --min_k, --max_k, --topk)")
+            raise UsageError(f"--model_args: '{k}' is a grid key; set it with {flag} (--alphas, --pvalues, "
+                             "--selections, --top_ps, --target_ks, --twins, --calibration, --min_k, --max_k, --topk)")
     return out
+
+
+def _routing_fields() -> set[str]:
+    from lm_eval_bh.config import RoutingConfig
+
+    return {f.name for f in fields(RoutingConfig)}
 
 
 def setting_id(routing: dict) -> str:
     """File-name-safe id of a setting, naming only the parameters that change its routing
-    (`RoutingConfig.setting_id`), e.g. 'topk8', 'bh-zscore_a0.05_k1-8', 'topp_p0.9_k1-8'."""
-    from lm_eval_bh.config import RoutingConfig
+    (`RoutingConfig.setting_id`), e.g. 'topk8', 'bh-zscore_a0.05_k1-8', 'topp_p0.9_k1-8'. Until this
+    installation's RoutingConfig takes them, a target_k replaces the rule's parameter ('bh-zscore_K2_k1-8')
+    and a layer budget names the setting it reads ('topk_lb-bh-zscore_a0.05_k1-8')."""
+    from lm_eval_bh.config import RoutingConfig, _num
+    from lm_eval_bh.routing import SELECTIONS
 
-    return RoutingConfig(**routing).setting_id()
+    known = _routing_fields()
+    cfg = RoutingConfig(**{k: v for k, v in routing.items() if k in known})
+    sid = cfg.setting_id()
+    if "target_k" in routing and "target_k" not in known:
+        for name in SELECTIONS[cfg.selection].params:
+            token = {"alpha": "a", "top_p": "p"}.get(name, name) + _num(getattr(cfg, name))
+            sid = sid.replace(f"_{token}", f"_K{_num(float(routing['target_k']))}", 1)
+    if "layer_budget" in routing and "layer_budget" not in known:
+        sid += f"_lb-{Path(routing['layer_budget']).stem}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", sid)
 
 
-def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[tuple[str, dict]]:
-    """[(setting_id, routing kwargs for set_routing)]: distinct settings only, fixed top-k baselines first."""
+def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path = Path(".")) -> list[tuple[str, dict]]:
+    """[(setting_id, routing kwargs for set_routing)]: distinct settings only, fixed top-k baselines first;
+    with --twins each adaptive setting is followed by its layer-budget twin (reading its results in `out`)."""
     from lm_eval_bh.routing import PVALUES, SELECTIONS
 
     alphas = _floats("--alphas", args.alphas, 0.0, 1.0, "numbers strictly between 0 and 1")
@@ -146,11 +181,12 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[t
     selections = _choices("--selections", args.selections, list(SELECTIONS))
     min_k = _int("--min_k", args.min_k, 1, num_experts)
     max_k = top_k if args.max_k is None else _int("--max_k", args.max_k, min_k, num_experts)
-    calibration = getattr(args, "calibration", None)
-    if "calibrated" in pvalues and not calibration:
-        raise UsageError("--pvalues calibrated needs --calibration FILE (from `lm-eval-bh calibrate`)")
-    if calibration and "calibrated" not in pvalues:
-        raise UsageError("--calibration is only used with --pvalues calibrated")
+    target_ks = None
+    if args.target_ks is not None:
+        target_ks = _floats("--target_ks", args.target_ks, 0.0, None, f"numbers from min_k ({min_k}) to max_k ({max_k})")
+        if not target_ks or any(not min_k <= k <= max_k for k in target_ks):
+            raise UsageError(f"--target_ks: '{args.target_ks}' is out of range; allowed: mean experts per token "
+                             f"from min_k ({min_k}) to max_k ({max_k}), comma-separated")
     analyze = str(base_routing.get("mode", "patch")) == "analyze"
     if args.topk is None:
         topks = [] if analyze else list(range(1, top_k + 1))
@@ -161,36 +197,106 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict) -> list[t
                          "baselines; give --topk none (or run them without mode=analyze)")
     else:
         topks = [_int("--topk", t, 1, num_experts) for t in _split("--topk", args.topk)]
+    if args.twins and analyze:
+        raise UsageError("--twins: mode=analyze routes the stock top-k, so its settings have no layer-budget twin")
 
     grid: list[dict] = [{**base_routing, "min_k": k, "max_k": k} for k in topks]
+    needs_null = False
     for sel in selections:
         if SELECTIONS[sel].fixed:
             continue  # fixed top-k comes from --topk
         for pv in pvalues:
-            cal = {"calibration": calibration} if pv == "calibrated" else {}
-            common = {**base_routing, "selection": sel, "pvalue": pv, "min_k": min_k, "max_k": max_k, **cal}
-            if "top_p" in SELECTIONS[sel].params:
+            null = SELECTIONS[sel].needs_null or PVALUES[pv].needs_null  # served by --calibration
+            needs_null |= null
+            common = {**base_routing, "selection": sel, "pvalue": pv, "min_k": min_k, "max_k": max_k,
+                      **({"calibration": args.calibration} if null and args.calibration else {})}
+            if target_ks is not None and SELECTIONS[sel].params:
+                grid.extend({**common, "target_k": k} for k in target_ks)
+            elif "top_p" in SELECTIONS[sel].params:
                 for p in _floats("--top_ps", args.top_ps, 0.0, 1.0, "numbers strictly between 0 and 1"):
                     grid.append({**common, "top_p": p})
             else:
                 grid.extend({**common, "alpha": a} for a in alphas)
+    users = ", ".join([f"--pvalues {n}" for n, s in PVALUES.items() if s.needs_null]
+                      + [f"--selections {n}" for n, s in SELECTIONS.items() if s.needs_null])
+    if needs_null and not args.calibration:
+        raise UsageError(f"--calibration: {users} need(s) a calibration file (from `lm-eval-bh calibrate`); "
+                         "give --calibration FILE")
+    if args.calibration and not needs_null:
+        raise UsageError(f"--calibration is only used with {users}")
     if not grid:
         raise UsageError("--topk/--alphas: the grid is empty; give at least one setting")
     # validate every setting before any weights load; keep one setting per distinct effect
     from lm_eval_bh.config import RoutingConfig
     from lm_eval_bh.errors import RoutingError
 
-    out, seen = [], set()
+    known = _routing_fields()
+    out_grid, seen = [], set()
     for r in grid:
         try:
-            RoutingConfig(**r)
+            cfg = RoutingConfig(**{k: v for k, v in r.items() if k in known})
         except (RoutingError, TypeError) as e:
             raise UsageError(f"grid setting {r}: {e}") from None
         sid = setting_id(r)
-        if sid not in seen:
-            seen.add(sid)
-            out.append((sid, r))
-    return out
+        if sid in seen:
+            continue
+        seen.add(sid)
+        out_grid.append((sid, r))
+        if args.twins and not (cfg.fixed_k or cfg.min_k == cfg.max_k):
+            twin = {**base_routing, "selection": "topk", "layer_budget": str(out / f"{sid}.json")}
+            out_grid.append((setting_id(twin), twin))
+    return out_grid
+
+
+def unknown_grid_keys(grid) -> list[str]:
+    """The grid keys of `grid` this installation's routing does not take yet (target_k, layer_budget)."""
+    known = _routing_fields()
+    return sorted({k for _, r in grid for k in r if k not in known})
+
+
+# --------------------------------------------------------------------------- shards
+
+def parse_shard(text) -> tuple[int, int]:
+    """'I/N' -> (I, N), 0 <= I < N; one line for anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise UsageError(f"--shard: '{text}' is not I/N; allowed: two integers 0 <= I < N, e.g. 0/4")
+    i, n = int(m.group(1)), int(m.group(2))
+    if n < 1:
+        raise UsageError(f"--shard: N={n} must be at least 1; allowed: I/N with 0 <= I < N")
+    if i >= n:
+        raise UsageError(f"--shard: I={i} must be less than N={n}; allowed: I/N with 0 <= I < N")
+    return i, n
+
+
+def expected_cost(routing: dict, top_k: int) -> float:
+    """Relative time of a setting: a dense part (attention, embeddings: about the experts' share at
+    the model's top_k) plus experts per token (fixed k, the target, or the middle of the k range)."""
+    if routing.get("target_k") is not None:
+        return 1.0 + float(routing["target_k"]) / top_k
+    return 1.0 + (int(routing.get("min_k", 1)) + int(routing.get("max_k") or top_k)) / 2 / top_k
+
+
+def assign_shards(grid, n: int, top_k: int) -> dict[str, int]:
+    """{setting_id: shard}: the grid split into `n` parts of about equal expected cost (the longest
+    first, each to the least loaded part, ties to the lower index: the same on every machine). A
+    layer-budget twin goes with the setting it reads, and runs after it."""
+    units: dict[str, list[str]] = {}
+    cost: dict[str, float] = {}
+    for sid, r in grid:
+        source = Path(r["layer_budget"]).stem if r.get("layer_budget") else None
+        head = source if source in units else sid
+        units.setdefault(head, []).append(sid)
+        cost[head] = cost.get(head, 0.0) + expected_cost(r, top_k)
+    order = {sid: i for i, (sid, _) in enumerate(grid)}
+    load = [0.0] * n
+    shard: dict[str, int] = {}
+    for head in sorted(units, key=lambda h: (-round(cost[h], 9), order[h])):
+        part = min(range(n), key=lambda j: (round(load[j], 9), j))
+        load[part] += cost[head]
+        for sid in units[head]:
+            shard[sid] = part
+    return shard
 
 
 def read_model_config(pretrained: str, revision: str | None = None):
@@ -208,115 +314,24 @@ def lm_eval_model_name(config) -> str:
     return "olmoe_bh" if getattr(config, "model_type", None) == "olmoe" else "moe_bh"
 
 
-# --------------------------------------------------------------------------- identity
-
-def _sha256_file(path: Path, sample_over: int = 256 << 20, chunks: int = 16, chunk: int = 1 << 20) -> str:
-    """sha256 of a file; above `sample_over` bytes, of its size and `chunks` evenly spaced MiB."""
-    h = hashlib.sha256()
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        if size <= sample_over:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        else:
-            h.update(str(size).encode())
-            for i in range(chunks):
-                fh.seek((size - chunk) * i // (chunks - 1))
-                h.update(fh.read(chunk))
-    return h.hexdigest()
-
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".json")
-
-
-def model_fingerprint(pretrained: str, revision: str | None = None) -> dict:
-    """{"fingerprint": sha256 of config.json and the weights} for a local folder; {"revision": commit}
-    for a hub id (the snapshot of the local hub cache the model loads from)."""
-    folder = Path(pretrained)
-    if folder.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES):
-            if f.suffix == ".json" and f.name not in ("config.json", "model.safetensors.index.json"):
-                continue
-            h.update(f"{f.relative_to(folder)}\0{_sha256_file(f)}\n".encode())
-        return {"fingerprint": h.hexdigest()}
-    try:
-        from transformers.utils import cached_file
-
-        snapshot = Path(cached_file(pretrained, "config.json", revision=revision)).parent
-        if snapshot.parent.name == "snapshots":
-            return {"revision": snapshot.name}
-    except Exception:  # noqa: BLE001 - the model load reports an unreachable model
-        pass
-    return {"revision": revision or "unresolved"}
-
-
-def versions() -> dict:
-    import lm_eval
-    import transformers
-
-    import lm_eval_bh
-
-    return {"lm_eval_bh": lm_eval_bh.__version__, "lm_eval": lm_eval.__version__,
-            "transformers": transformers.__version__}
-
-
-def evaluation_identity(pretrained: str, model_args: dict, tasks: list[str], limit, num_fewshot) -> dict:
-    """Everything but the routing that decides what a setting's numbers are."""
-    return {
-        "model": {"pretrained": pretrained, **model_fingerprint(pretrained, model_args.get("revision")),
-                  "args": {k: v for k, v in sorted(model_args.items()) if k not in NOT_MODEL_IDENTITY}},
-        "tasks": list(tasks), "limit": limit, "num_fewshot": num_fewshot, "versions": versions(),
-    }
-
-
-def setting_identity(evaluation: dict, routing: dict) -> dict:
-    """The identity of one setting's results, as stored (JSON round trip: tuples become lists)."""
-    r = dict(routing)
-    if r.get("calibration"):
-        r["calibration_sha256"] = _sha256_file(Path(r["calibration"]))
-    return json.loads(json.dumps({**evaluation, "routing": r}))
-
-
-def _flat(d, prefix=""):
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: d}
-
-
-def identity_diff(old, new: dict) -> list[str]:
-    """'limit: 20 -> 30' for each field that differs ([] when equal)."""
-    if not isinstance(old, dict):
-        return ["no identity recorded (written by an older lm-eval-bh or another tool)"]
-    a, b = _flat(old), _flat(new)
-    if a.get("model.fingerprint") and a.get("model.fingerprint") == b.get("model.fingerprint"):
-        a.pop("model.pretrained", None)  # the same files, in another folder (or on another machine)
-        b.pop("model.pretrained", None)
-    return [f"{k}: {a.get(k, '(none)')} -> {b.get(k, '(none)')}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-
-
-def stored_identity(path: Path):
-    """The identity recorded in a results file; None if it has none; raises OSError/ValueError if unreadable."""
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    return (data.get("sweep") or {}).get("identity") if isinstance(data, dict) else None
-
+# --------------------------------------------------------------------------- resume
 
 def check_existing(out: Path, grid, identities: dict, overwrite: bool) -> list:
-    """The settings of `grid` still to run; a file of another evaluation is an error unless `overwrite`."""
+    """The settings of `grid` still to run; a file of another evaluation is an error unless `overwrite`,
+    a FIFO or other non-regular file named like a results file always is (reading it would block)."""
     todo, stale = [], []
     for sid, routing in grid:
         path = out / f"{sid}.json"
+        for p in (path, out / f"{sid}.samples.jsonl"):
+            if (p.exists() or p.is_symlink()) and not p.is_file():
+                raise UsageError(f"--output_path: {p} is not a regular file; remove it, or choose another --output_path")
         if not path.exists():
             todo.append((sid, routing))
             continue
         try:
-            diff = identity_diff(stored_identity(path), identities[sid])
+            diff = I.identity_diff(I.stored_identity(path), identities[sid])
         except (OSError, ValueError) as e:
-            diff = [f"unreadable ({type(e).__name__})"]
+            diff = [f"unreadable ({type(e).__name__}: {e})"]
         if diff:
             stale.append((path, diff))
             todo.append((sid, routing))
@@ -330,34 +345,6 @@ def check_existing(out: Path, grid, identities: dict, overwrite: bool) -> list:
 
 
 # --------------------------------------------------------------------------- files
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file moved into place: `path` is never partial.
-    An OSError (full disk, no permission) is a UsageError naming the path; nothing is left behind."""
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # like a plain write (mkstemp creates 0600)
-        os.replace(tmp, path)
-    except OSError as e:
-        _unlink(tmp)
-        raise UsageError(f"cannot write {path}: {e.strerror or e}") from None
-    except BaseException:
-        _unlink(tmp)
-        raise
-
-
-def _unlink(path) -> None:
-    if path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
 
 def results_json(results: dict) -> str:
     """Serialized like lm-eval's EvaluationTracker."""
@@ -376,44 +363,6 @@ def samples_jsonl(samples: dict) -> str:
             s = {k: v for k, v in s.items() if k not in ("doc", "arguments", "resps")}
             lines.append(json.dumps({"task": task, **s}, default=handle_non_serializable, ensure_ascii=False))
     return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def claim(out: Path, sid: str, wait: bool):
-    """Exclusive claim of a setting: yields True while held (False if another sweep holds it and not
-    `wait`). An flock, released by the kernel if the holder dies, so claims are never stale."""
-    import fcntl
-
-    path = out / f".{sid}.lock"
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            os.close(fd)
-            yield False
-            return
-        try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break  # still the live lock file (its last holder did not remove it meanwhile)
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        for tmp in out.glob(f".{sid}.*.tmp"):  # left by a sweep killed while writing this setting
-            _unlink(tmp)
-        yield True
-    finally:
-        _unlink(path)
-        os.close(fd)
-
-
-def remove_stale_claims(out: Path, sids: list[str]) -> None:
-    """Remove the lock files of finished settings that no live sweep holds (claimed and released at once)."""
-    for sid in sids:
-        if (out / f".{sid}.lock").exists():
-            with claim(out, sid, wait=False):
-                pass
 
 
 class _Once(logging.Filter):
@@ -448,32 +397,42 @@ class Plan:
     pretrained: str
     model_args: dict  # without the routing arguments
     base_routing: dict  # the routing arguments of --model_args, shared by every setting
+    chat: dict  # apply_chat_template, fewshot_as_multiturn, system_instruction (as lm-eval takes them)
+    shard: tuple[int, int] = (0, 1)
     model_name: str = "moe_bh"
-    grid: list = field(default_factory=list)
+    grid: list = field(default_factory=list)  # this shard's settings
+    evaluation: dict = field(default_factory=dict)  # the identity shared by every setting
     identities: dict = field(default_factory=dict)
+    task_defaults: bool = True  # whether the run needs lm-eval's own task index (see resolve_tasks)
     task_manager: object = None  # lm-eval's, built by check_tasks
 
 
 def run(args) -> int:
     plan = read_flags(args)
     quiet_lm_eval(args.verbose)
+    if args.list:
+        return list_grid(plan, args)
     lm = plan_grid(plan, args)  # the grid checked against the model's config, before any weights load
     todo = check_existing(plan.out, plan.grid, plan.identities, args.overwrite)
-    if todo:  # lm-eval's task index takes seconds to build: only when there is something to evaluate
+    if todo:
         check_tasks(plan, args.include_path)
     make_folder(plan.out)
-    remove_stale_claims(plan.out, [sid for sid, _ in plan.grid if sid not in {t for t, _ in todo}])
-    print(f"sweep: {len(plan.grid)} settings, {len(plan.grid) - len(todo)} already done, {len(todo)} to run "
-          f"-> {plan.out}", file=sys.stderr)
+    with evaluation_lock(plan.out, plan.evaluation):
+        remove_stale_claims(plan.out, [sid for sid, _ in plan.grid if sid not in {t for t, _ in todo}])
+        shard = f" (shard {plan.shard[0]}/{plan.shard[1]})" if plan.shard[1] > 1 else ""
+        print(f"sweep: {len(plan.grid)} settings{shard}, {len(plan.grid) - len(todo)} already done, {len(todo)} "
+              f"to run -> {plan.out}", file=sys.stderr)
 
-    def evaluate(sid, routing):
-        nonlocal lm
-        lm = lm or _load_model(plan.model_name, plan, args.device)
-        evaluate_setting(lm, plan, plan.task_manager, sid, routing, args.device)
+        def evaluate(sid, routing):
+            nonlocal lm
+            lm = lm or _load_model(plan.model_name, plan, args.device)
+            evaluate_setting(lm, plan, plan.task_manager, sid, routing, args.device)
 
-    with env_info_once():
-        ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
+        with env_info_once():
+            ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
     print(f"sweep: {len(ran)} setting(s) run here, {len(elsewhere)} by another sweep on this folder", file=sys.stderr)
+    if not plan.grid:
+        return 0
 
     from lm_eval_bh.commands.report import report
 
@@ -484,12 +443,17 @@ def run(args) -> int:
 
 def read_flags(args) -> Plan:
     """Every flag checked and converted, one-line errors, nothing loaded yet."""
-    out = Path(args.output_path)
+    check_single_process()
+    shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
+    for flag in ("tasks", "output_path"):
+        if getattr(args, flag) is None and not args.list:
+            raise UsageError(f"--{flag} is required")
+    out = Path(args.output_path or ".")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--output_path: {out} exists and is not a folder")
     model_args = parse_model_args(args.model_args)
     tasks = _split("--tasks", args.tasks)
-    if not tasks:
+    if not tasks and not args.list:
         raise UsageError("--tasks: give at least one task or group name")
     limit = None
     if args.limit is not None:
@@ -504,9 +468,59 @@ def read_flags(args) -> Plan:
         raise UsageError(f"--include_path: {args.include_path} is not a folder")
     if args.calibration is not None and not Path(args.calibration).is_file():
         raise UsageError(f"--calibration: {args.calibration} is not a file")
+    check_device(args.device)
     base_routing = {k: model_args.pop(k) for k in list(model_args) if k in ROUTING_ARGS}
     pretrained = str(model_args.get("pretrained", DEFAULT_PRETRAINED))
-    return Plan(out, tasks, limit, num_fewshot, bootstrap_iters, bs, pretrained, model_args, base_routing)
+    return Plan(out, tasks, limit, num_fewshot, bootstrap_iters, bs, pretrained, model_args, base_routing,
+                chat_flags(args), shard)
+
+
+def check_single_process() -> None:
+    """`accelerate launch` / `torchrun` start one sweep per rank: each would claim other settings and then
+    wait inside lm-eval for the others to join its evaluation. Refused; --shard spreads a grid instead."""
+    world = os.environ.get("WORLD_SIZE", "1").strip() or "1"
+    if world != "1":
+        raise UsageError(f"sweep runs as one process per model, and WORLD_SIZE={world} says accelerate launch or "
+                         "torchrun started several; run one sweep per GPU with --shard I/N instead "
+                         "(CUDA_VISIBLE_DEVICES=I lm-eval-bh sweep --shard I/N ..., see docs/scaling.md)")
+
+
+def check_device(device) -> None:
+    """A device torch cannot use is one line here, not an AssertionError from the router kernel's warm-up."""
+    if device is None or not str(device).strip().startswith(("cuda", "mps")):
+        return
+    import torch
+
+    d = str(device).strip()
+    if d == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError("--device: mps is not available here; allowed: cpu")
+        return
+    m = re.fullmatch(r"cuda(?::(\d+))?", d)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    allowed = ", ".join(["cpu", "cuda"] + [f"cuda:{i}" for i in range(n)]) if n else "cpu"
+    if not n:
+        why = "was built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise UsageError(f"--device: {d} is not available here (torch {torch.__version__} {why}); allowed: {allowed}")
+    if not m or (m.group(1) is not None and int(m.group(1)) >= n):
+        raise UsageError(f"--device: '{d}' is not available here; allowed: {allowed}")
+
+
+def chat_flags(args) -> dict:
+    """--apply_chat_template, --fewshot_as_multiturn and --system_instruction as lm-eval's CLI reads them
+    (few-shot as multi-turn defaults to on with a chat template, and needs one)."""
+    apply = args.apply_chat_template
+    multiturn = args.fewshot_as_multiturn
+    if multiturn is None:
+        multiturn = bool(apply)
+    elif str(multiturn).strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        multiturn = str(multiturn).strip().lower() in ("true", "1", "yes")
+    else:
+        raise UsageError(f"--fewshot_as_multiturn: '{multiturn}' is not allowed; allowed: true or false")
+    if multiturn and not apply:
+        raise UsageError("--fewshot_as_multiturn: few-shot examples as a multi-turn chat need --apply_chat_template")
+    return {"apply_chat_template": apply, "fewshot_as_multiturn": multiturn,
+            "system_instruction": args.system_instruction}
 
 
 def quiet_lm_eval(verbose: bool) -> None:
@@ -538,32 +552,90 @@ def env_info_once():
         evaluator.add_env_info = original
 
 
+def model_shape(plan: Plan):
+    """(config, num_experts, top_k) from the model's config file alone, or None where it cannot be read."""
+    from lm_eval_bh.families import config_shape
+
+    config = read_model_config(plan.pretrained, plan.model_args.get("revision"))
+    if config is None:
+        return None
+    num_experts, top_k, _ = config_shape(config, source=plan.pretrained)
+    return config, int(num_experts), int(top_k)
+
+
+def list_grid(plan: Plan, args) -> int:
+    """sweep --list: the grid, each setting's shard and expected cost; reads the model's config only."""
+    shape = model_shape(plan)
+    if shape is None:
+        raise UsageError(f"--list: cannot read the config of the model '{plan.pretrained}' (a local folder, or a "
+                         "hub id in the local cache, is needed to know its experts)")
+    _, num_experts, top_k = shape
+    grid = build_grid(args, top_k, num_experts, plan.base_routing, plan.out)
+    n = plan.shard[1]
+    shards = assign_shards(grid, n, top_k)
+    load = [sum(expected_cost(r, top_k) for sid, r in grid if shards[sid] == j) for j in range(n)]
+    print(f"# {len(grid)} settings in {n} shard(s); expected cost per shard: {', '.join(f'{c:.2f}' for c in load)}")
+    print("shard\tcost\tsetting")
+    for sid, r in grid:
+        print(f"{shards[sid]}/{n}\t{expected_cost(r, top_k):.2f}\t{sid}")
+    return 0
+
+
 def plan_grid(plan: Plan, args):
-    """Fill the plan's model name, grid and identities from the model's config (read on its own when
-    it can be: then nothing is loaded and None is returned; else the loaded model is)."""
+    """Fill the plan's model name, grid (this shard's part) and identities from the model's config (read
+    on its own when it can be: then nothing is loaded and None is returned; else the loaded model is)."""
     from lm_eval_bh.families import config_shape
 
     lm = None
-    config = read_model_config(plan.pretrained, plan.model_args.get("revision"))
-    if config is None:  # config not readable on its own: load the model to learn its shape (tasks first)
+    shape = model_shape(plan)
+    if shape is None:  # config not readable on its own: load the model to learn its shape (tasks first)
+        resolve_tasks(plan, args.include_path)
         check_tasks(plan, args.include_path)
         lm = _load_model("moe_bh", plan, args.device)
         config = lm.model.config
-    num_experts, top_k, _ = config_shape(config, source=plan.pretrained)
-    plan.grid = build_grid(args, int(top_k), int(num_experts), plan.base_routing)
+        num_experts, top_k, _ = (int(x) for x in config_shape(config, source=plan.pretrained))
+    else:
+        config, num_experts, top_k = shape
+    grid = build_grid(args, top_k, num_experts, plan.base_routing, plan.out)
+    unknown = unknown_grid_keys(grid)
+    if unknown:
+        raise UsageError(f"--target_ks/--twins: this lm-eval-bh's routing does not take {', '.join(unknown)} yet; "
+                         "`sweep --list` shows the grid")
+    shards = assign_shards(grid, plan.shard[1], top_k)
+    plan.grid = [(sid, r) for sid, r in grid if shards[sid] == plan.shard[0]]
     plan.model_name = lm_eval_model_name(config)
-    evaluation = evaluation_identity(plan.pretrained, plan.model_args, plan.tasks, plan.limit, plan.num_fewshot)
-    plan.identities = {sid: setting_identity(evaluation, r) for sid, r in plan.grid}
+    task_sha256 = resolve_tasks(plan, args.include_path)
+    tokenizer = plan.model_args.get("tokenizer")
+    chat = {**plan.chat, "chat_template_sha256": I.chat_template_sha256(
+        tokenizer if isinstance(tokenizer, str) else plan.pretrained, plan.chat["apply_chat_template"],
+        plan.model_args.get("revision"))}
+    plan.evaluation = I.evaluation_identity(plan.pretrained, plan.model_args, plan.tasks, plan.limit, plan.num_fewshot,
+                                            task_sha256=task_sha256, chat=chat,
+                                            dtype=I.resolved_dtype(plan.model_args.get("dtype"), config))
+    plan.identities = {sid: I.setting_identity(plan.evaluation, r) for sid, r in plan.grid}
     return lm
+
+
+def resolve_tasks(plan: Plan, include_path) -> dict:
+    """{task: sha256 of its definition}. Resolved in the include path's own index when that defines every
+    task asked for and all their members (then the run needs nothing else: milliseconds), else in
+    lm-eval's full index (seconds to build), which checks every name."""
+    small = I.include_index(include_path)
+    try:
+        I.closure(plan.tasks, small)
+        plan.task_defaults = False
+        return I.task_hashes(plan.tasks, small)
+    except I.TaskNotIndexed:
+        plan.task_defaults = True
+        check_tasks(plan, include_path)
+        return I.task_hashes(plan.tasks, plan.task_manager.task_index)
 
 
 def check_tasks(plan: Plan, include_path) -> None:
     """plan.task_manager: lm-eval's TaskManager, after checking every task name (before any weights load)."""
-    from lm_eval.tasks import TaskManager
-
     if plan.task_manager is not None:
         return
-    tm = TaskManager(include_path=include_path)
+    tm = I.task_manager(include_path, plan.task_defaults)
     unknown = [t for t in plan.tasks if t not in tm.all_tasks]
     if unknown:
         raise UsageError(f"--tasks: unknown task(s) {', '.join(unknown)}; list them with 'lm-eval ls tasks'"
@@ -586,7 +658,7 @@ def evaluate_setting(lm, plan: Plan, task_manager, sid: str, routing: dict, devi
     lm.set_routing(**routing)
     results = lm_eval.simple_evaluate(
         model=lm, tasks=plan.tasks, num_fewshot=plan.num_fewshot, limit=plan.limit, task_manager=task_manager,
-        log_samples=True, bootstrap_iters=plan.bootstrap_iters,
+        log_samples=True, bootstrap_iters=plan.bootstrap_iters, **plan.chat,
     )  # never use_cache: see the module docstring
     if results is None:  # not rank 0
         return
@@ -594,19 +666,21 @@ def evaluate_setting(lm, plan: Plan, task_manager, sid: str, routing: dict, devi
     results["config"].update({"model": plan.model_name, "model_args": {**plan.model_args, **routing},
                               "batch_size": plan.batch_size, "device": device})
     results["model_name"] = plan.pretrained
-    results["sweep"] = {"setting_id": sid, "identity": plan.identities[sid], "seconds": round(time.time() - t0, 2)}
+    results["sweep"] = {"setting_id": sid, "identity": plan.identities[sid], "seconds": round(time.time() - t0, 2),
+                        "shard": list(plan.shard)}
     write_atomic(plan.out / f"{sid}.samples.jsonl", samples_jsonl(samples))
     write_atomic(plan.out / f"{sid}.json", results_json(results))
 
 
 def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list[str], list[str]]:
     """Run each setting of `todo` under its claim; settings another sweep holds are waited for at the
-    end, and run here if that sweep died first. Returns (run here, done elsewhere)."""
+    end, and run here if that sweep died first (a layer-budget twin waits with the setting it reads).
+    Returns (run here, done elsewhere)."""
     from tqdm import tqdm
 
     def done(sid):
         try:
-            return not identity_diff(stored_identity(out / f"{sid}.json"), identities[sid])
+            return not I.identity_diff(I.stored_identity(out / f"{sid}.json"), identities[sid])
         except (OSError, ValueError):
             return False
 
@@ -615,6 +689,10 @@ def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list
     try:
         for wait, items in ((False, todo), (True, busy)):
             for sid, routing in list(items):
+                source = Path(routing["layer_budget"]).stem if routing.get("layer_budget") else None
+                if not wait and source in {s for s, _ in busy}:
+                    busy.append((sid, routing))
+                    continue
                 with claim(out, sid, wait=wait) as held:
                     if not held:
                         busy.append((sid, routing))
