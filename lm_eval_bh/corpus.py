@@ -13,7 +13,9 @@ from typing import Iterable
 
 import torch
 
-__all__ = ["CORPUS", "PATH", "builtin_texts", "corpus_hash", "token_batches"]
+from .errors import UsageError
+
+__all__ = ["CORPUS", "PATH", "builtin_texts", "corpus_hash", "read_texts", "token_batches"]
 
 PATH = Path(__file__).with_name("assets") / "calibration_corpus.jsonl"
 CORPUS = {
@@ -30,6 +32,33 @@ def builtin_texts() -> list[str]:
     so every machine calibrates on the same text."""
     with open(PATH, encoding="utf-8") as f:
         return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def read_texts(path: str) -> list[str]:
+    """Documents of a text file: JSON lines with a "text" field, or paragraphs of plain text."""
+    import os
+
+    if not os.path.isfile(path):
+        raise UsageError(f"text file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    first = next((line for line in content.splitlines() if line.strip()), "")
+    if path.endswith(".jsonl") or first.lstrip().startswith("{"):
+        texts = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}: line {n} is not JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path}: line {n} is JSON nested too deeply") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise UsageError(f"{path}: line {n} has no string field 'text'")
+            texts.append(doc["text"])
+        return [t for t in texts if t.strip()]
+    return [p.strip() for p in content.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
 def corpus_hash(texts: Iterable[str]) -> str:
