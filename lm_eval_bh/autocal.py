@@ -4,10 +4,12 @@ cache of ``calibration=auto`` (and of ``calibration=<text file>``).
 Under the stock routers one pass over the text samples every layer's router logits (today's
 ``lm-eval-bh calibrate``). Under routing, layer l's null is fitted with layers < l already routed by the
 setting, each with its own freshly fitted null: routed layers change the hidden states that the layers
-after them see, so a null fitted under the stock routers no longer fits there (docs/calibration.md). One
-pass over the text per layer, each stopped right after layer l's router (a private exception from a
-forward hook): layer l costs l + 1 layers of forward, about L / 2 full passes in all. Layer 0 sees no
-routed layer, so its null is the stock one.
+after them see, so a null fitted under the stock routers no longer fits there (docs/calibration.md).
+A stock pass records each batch's input to the first decoder layer and every decoder layer's other
+arguments; then, decoder layer by decoder layer, its router is sampled on the stored inputs (the layer
+stopped right after its router by a private exception from a forward hook), its null is fitted, and the
+layer runs routed with it to give the next layer's inputs: about three forward passes in all, not one
+per layer. Layer 0 sees no routed layer, so its null is the stock one.
 
 `resolve` fits ``calibration=auto`` (the built-in corpus, lm_eval_bh/corpus.py) or a text file at model
 load under the setting's own routing, and caches the file under ``$LM_EVAL_BH_CACHE/calibration`` (else
@@ -42,11 +44,12 @@ SAMPLES = 65536  # logits kept per layer's null
 
 
 class _Stop(Exception):
-    """Raised by the router hook of a pass's last layer: the rest of the forward is not needed."""
+    """Raised by the router hook of the layer being sampled: the rest of the decoder layer is not needed."""
 
 
 def _take(batches: Iterable, max_tokens: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input_ids, attention_mask) batches, whole rows kept until `max_tokens` real tokens are reached."""
+    """(input_ids, attention_mask) batches (right-padded) holding the first `max_tokens` real tokens: the
+    last row taken is cut short."""
     out, seen = [], 0
     for batch in batches:
         ids, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
@@ -55,19 +58,21 @@ def _take(batches: Iterable, max_tokens: int | None) -> list[tuple[torch.Tensor,
             left = max_tokens - seen
             if left <= 0:
                 break
-            per_row = mask.sum(dim=1)
-            keep = int((per_row.cumsum(0) - per_row < left).sum())
-            ids, mask = ids[:keep], mask[:keep]
+            before = mask.sum(dim=1).cumsum(0) - mask.sum(dim=1)  # real tokens in the rows above
+            keep = int((before < left).sum())
+            ids, mask = ids[:keep], mask[:keep].clone()
+            mask[keep - 1, max(0, left - int(before[keep - 1])):] = 0
+            width = int(mask.sum(dim=1).max())
+            ids, mask = ids[:, :width], mask[:, :width]
         seen += int(mask.sum())
         out.append((ids, mask))
     return out
 
 
-def _sample_pass(model, batches, layers, sampler: NullSampler, sample: list[int], stop: int | None, bar) -> None:
-    """One pass over `batches`: the router logits of layers `sample` (real tokens only) go to `sampler`;
-    with `stop`, each forward ends right after that layer's router."""
+def _sampling(layers, sampler: NullSampler, sample: list[int], state: dict, stop: bool = False) -> list:
+    """Forward hooks on the routers of layers `sample`: their logits at real tokens (``state["mask"]``) go
+    to `sampler`; with `stop`, the forward ends there (_Stop). Returns the handles."""
     num_experts = layers[0].router.num_experts
-    state: dict = {}
 
     def hook(i):
         def fn(module, args, output):
@@ -79,25 +84,59 @@ def _sample_pass(model, batches, layers, sampler: NullSampler, sample: list[int]
             if mask.numel() == logits.shape[0]:
                 logits = logits[mask.to(logits.device)]
             sampler.add(i, logits)
-            if i == stop:
+            if stop:
                 raise _Stop
 
         return fn
 
+    return [layers[i].router.register_forward_hook(hook(i)) for i in sample]
+
+
+def _decoder_layers(model, layers) -> tuple[list[torch.nn.Module], list[int | None]]:
+    """The model's decoder layers (the module list that holds the MoE blocks, in forward order) and, for
+    each, the index of the MoE layer inside it (None for a dense layer)."""
+    index = {id(layer.router): i for i, layer in enumerate(layers)}
+    for modules in model.modules():
+        if isinstance(modules, torch.nn.ModuleList):
+            owners = [[index[id(m)] for m in block.modules() if id(m) in index] for block in modules]
+            if sorted(i for o in owners for i in o) == list(range(len(layers))) and all(len(o) <= 1 for o in owners):
+                return list(modules), [o[0] if o else None for o in owners]
+    raise RoutingError(f"{type(model).__name__}: no module list holds its MoE blocks one per layer, which fitting "
+                       "under routing needs; calibrate under the stock routers")
+
+
+def _stock_pass(model, batches, layers, sampler, decoders, bar) -> list[tuple]:
+    """Sample every layer's router logits under the stock routers and record, per batch, the first decoder
+    layer's input, every decoder layer's other arguments (masks, position embeddings: they do not depend on
+    the routing) and the real tokens: (hidden, [(args, kwargs) per decoder layer], mask) per batch."""
     base = getattr(model, getattr(model, "base_model_prefix", ""), None) or model  # skip the LM head
     device = next(model.parameters()).device
-    handles = [layers[i].router.register_forward_hook(hook(i)) for i in sample]
+    state: dict = {}
+    calls: list = []
+
+    def record(j):
+        def fn(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if j == 0:
+                state["hidden"] = hidden
+            state["calls"].append((args[1:], kwargs))
+
+        return fn
+
+    handles = _sampling(layers, sampler, list(range(len(layers))), state)
+    if decoders is not None:
+        handles += [d.register_forward_pre_hook(record(j), with_kwargs=True) for j, d in enumerate(decoders)]
     try:
         for ids, mask in batches:
-            state["mask"] = mask.reshape(-1).bool()
-            try:
-                base(input_ids=ids.to(device), attention_mask=mask.to(device))
-            except _Stop:
-                pass
-            bar.update(int(mask.sum()))
+            state.update(mask=mask.reshape(-1).bool(), calls=[])
+            base(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            calls.append((state.pop("hidden", None), state["calls"], state["mask"]))
+            bar.update(len(decoders) if decoders is not None else 1)
     finally:
         for h in handles:
             h.remove()
+    return calls
 
 
 @torch.inference_mode()
@@ -133,23 +172,57 @@ def calibrate_model(
         info["model"] = getattr(cfg, "_name_or_path", None) or None
     info = {**info, **(meta or {}), "under": "stock" if under is None else {"routing": _routing_key(under, layers)}}
     routed = under is not None and under.mode == "patch" and len(layers) > 1
-    tokens = sum(int(m.sum()) for _, m in batches)
-    passes = len(layers) if routed else 1
-    bar = tqdm(total=tokens * passes, unit="tok", disable=not progress,
+    decoders, owners = _decoder_layers(model, layers) if routed else (None, None)
+    # progress in decoder-layer runs of one batch: a stock forward is one per decoder layer
+    depth = len(decoders) if routed else 1
+    steps = depth + (2 * depth - 2 if routed else 0)
+    bar = tqdm(total=len(batches) * steps, unit="layer-batch", disable=not progress,
                desc="calibrate under routing" if routed else "calibrate")
     try:
-        _sample_pass(model, batches, layers, sampler, list(range(len(layers))), None, bar)
-        fitted = sampler.calibration(info) if routed else None
-        for layer in range(1, passes):  # layers < `layer` route with the nulls fitted so far
-            if layer > 1:  # the null fitted in the last pass replaces the stock one
-                _replace(fitted, layer - 1, sampler.sample(layer - 1, fitted.null.shape[-1]))
-            sampler.reset(layer)
-            with BHRouting(under, fitted=fitted).patch(model):
-                bar.set_postfix_str(f"layer {layer + 1}/{passes}")
-                _sample_pass(model, batches, layers, sampler, [layer], layer, bar)
+        calls = _stock_pass(model, batches, layers, sampler, decoders, bar)
+        if routed:
+            _fit_under_routing(model, layers, sampler, info, under, decoders, owners, calls, bar)
     finally:
         bar.close()
     return sampler.calibration(info)
+
+
+def _fit_under_routing(model, layers, sampler, info, under, decoders, owners, calls, bar) -> None:
+    """Decoder layer by decoder layer on the recorded inputs: sample an MoE layer's router (stopping there),
+    fit its null, then run the layer routed by `under` with it, which gives the next layer's inputs. The
+    first MoE layer's null is the stock pass's (no routed layer precedes it)."""
+    fitted = sampler.calibration(info)  # stock nulls stand in for the layers not fitted yet
+    hidden = [h for h, _, _ in calls]
+    state: dict = {}
+    with BHRouting(under, fitted=fitted).patch(model) as routing:
+        for j, decoder in enumerate(decoders):
+            m = owners[j]
+            if m is not None and m > 0:
+                sampler.reset(m)
+                handles = _sampling(layers, sampler, [m], state, stop=True)
+                try:
+                    for h, (_, per_layer, mask) in zip(hidden, calls):
+                        state["mask"] = mask
+                        try:
+                            decoder(h, *per_layer[j][0], **per_layer[j][1])
+                        except _Stop:
+                            pass
+                        bar.update(1)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                _replace(fitted, m, sampler.sample(m, fitted.null.shape[-1]))
+                if routing.nulls[m] is not None:  # the patched router reads its null at every call
+                    routing.nulls[m] = fitted.layer_nulls()[m].to(routing.nulls[m].device)
+            if j + 1 < len(decoders):
+                hidden = [_output(decoder(h, *per_layer[j][0], **per_layer[j][1]))
+                          for h, (_, per_layer, _) in zip(hidden, calls)]
+                bar.update(len(calls))
+
+
+def _output(out) -> torch.Tensor:
+    """A decoder layer's hidden states (older transformers return them first in a tuple)."""
+    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 def _replace(cal: Calibration, layer: int, sample) -> None:

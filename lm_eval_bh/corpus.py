@@ -75,7 +75,7 @@ def token_batches(tokenizer, texts: Iterable[str], max_length: int, batch_size: 
     (longest first, so batches waste little padding)."""
     windows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]  # windows follow
         windows += [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
     windows = [w for w in windows if w]
     windows.sort(key=len, reverse=True)
