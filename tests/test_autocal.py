@@ -2,15 +2,13 @@
 provenance in results files, and the calibrate command's early checks."""
 
 import json
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_olmoe, subprocess_env
+from conftest import make_olmoe
 
 from lm_eval_bh import BHRouting, autocal
 from lm_eval_bh.calibration import Calibration, read_calibration
@@ -208,25 +206,23 @@ def test_deeply_nested_json_is_a_one_line_error(tmp_path):
     assert "\n" not in str(err.value)
 
 
-def _calibrate(*args):
-    return subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "calibrate", *args], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=300)
-
-
-def test_calibrate_output_is_checked_before_anything_runs(tmp_path):
+def test_calibrate_output_is_checked_before_anything_runs(tmp_path, capsys):
     """A folder, or a path that cannot be created, is one line before the model loads (the model here
-    does not even exist)."""
+    does not even exist); so is a --text file of deeply nested JSON."""
+    from lm_eval_bh.cli import main
+
     text = tmp_path / "t.txt"
     text.write_text("some text\n")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     nested = tmp_path / "deep.jsonl"
     nested.write_text("[" * 100_000 + "]" * 100_000 + "\n")
-    cases = [(str(tmp_path) + "/", "not a folder"), (str(tmp_path), "not a folder"),
-             (str(blocker / "c.json"), "cannot be written")]
-    for output, message in cases:
-        proc = _calibrate("--model_args", "pretrained=/no/such/model", "--text", str(text), "--output", output)
-        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
-    proc = _calibrate("--model_args", "pretrained=/no/such/model", "--text", str(nested), "--output",
-                      str(tmp_path / "c.json"))
-    assert proc.returncode == 2 and "nested too deeply" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    cases = [(text, str(tmp_path) + "/", "not a folder"), (text, str(tmp_path), "not a folder"),
+             (text, str(blocker / "c.json"), "cannot be written"),
+             (nested, str(tmp_path / "c.json"), "nested too deeply")]
+    for source, output, message in cases:
+        argv = ["calibrate", "--model_args", "pretrained=/no/such/model", "--text", str(source), "--output", output]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
+    assert not (tmp_path / "c.json").exists()
