@@ -27,7 +27,8 @@ from typing import Iterable
 
 import torch
 
-from .calibration import ARRAYS, VERSION, Calibration, NullSampler, layers_fingerprint, read_calibration, save_calibration
+from .calibration import (ARRAYS, VERSION, Calibration, NullSampler, layers_fingerprint, read_calibration,
+                          save_calibration, source_kind)
 from .config import RoutingConfig
 from .corpus import CORPUS, builtin_texts, corpus_hash, read_texts, token_batches
 from .errors import RoutingError, UsageError
@@ -253,8 +254,6 @@ def resolve(model: torch.nn.Module, tokenizer, cfg: RoutingConfig, *, tokens: in
     """The calibration that `cfg.calibration` ("auto", or a text file) names for `model`: read from the cache
     or fitted under `cfg`'s routing (the stock routers in analyze mode) and cached. Its
     ``meta["provenance"]`` says what it was fitted on, how and whether it came from the cache."""
-    from .calibration import source_kind
-
     source = source_kind(cfg.calibration)
     if source == "auto":
         texts, corpus, licence = builtin_texts(), CORPUS["name"], CORPUS["licence"]

@@ -664,8 +664,12 @@ def file_provenance(path: str, cal: Calibration) -> dict:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     prov = dict(cal.meta.get("provenance") or {})
-    return {**prov, "source": "file", "status": "file", "path": path, "sha256": digest.hexdigest(),
-            "tokens": prov.get("tokens", cal.meta.get("tokens")), "under": prov.get("under", "stock")}
+    under = cal.meta.get("under", "stock")  # files older than --under were fitted under the stock routers
+    out = {**prov, "source": "file", "status": "file", "path": path, "sha256": digest.hexdigest(),
+           "tokens": prov.get("tokens", cal.meta.get("tokens")), "under": "stock" if under == "stock" else "routing"}
+    if isinstance(under, dict):
+        out["under_settings"] = under.get("routing")
+    return out
 
 
 def check_model(cal: Calibration, name: str, num_layers: int, num_experts: int, *,

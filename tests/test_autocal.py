@@ -194,6 +194,11 @@ def test_a_calibration_file_records_its_hash(tmp_path):
         model(input_ids=_batches(1, n=1)[0])
     prov = routing.summary()["calibration"]
     assert prov["source"] == "file" and prov["under"] == "stock" and len(prov["sha256"]) == 64
+    save_calibration(path, autocal.calibrate_model(model, _batches(0, n=1), samples=512, progress=False, under=CFG))
+    with BHRouting(alpha=0.05, max_k=16, pvalue="calibrated", calibration=str(path)).patch(model) as routing:
+        model(input_ids=_batches(1, n=1)[0])
+    prov = routing.summary()["calibration"]
+    assert prov["under"] == "routing" and prov["under_settings"]["alpha"] == 0.05
     with pytest.raises(RoutingError, match="tokenizer"):
         BHRouting(CFG).patch(model)
 
