@@ -231,3 +231,18 @@ def test_calibrate_output_is_checked_before_anything_runs(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and err.strip().count("\n") == 0, err
     assert not (tmp_path / "c.json").exists()
+
+
+def test_set_routing_fits_auto_under_the_new_setting(tiny_model_dir, tmp_path, monkeypatch):
+    from lm_eval.api.registry import get_model
+
+    monkeypatch.setenv("LM_EVAL_BH_CACHE", str(tmp_path))
+    lm = get_model("moe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},dtype=float32,alpha=0.05",
+                                                    {"device": "cpu"})
+    assert lm.routing.provenance is None  # z-scores need no null
+    lm.set_routing(alpha=0.2, pvalue="calibrated", calibration="auto")
+    first = lm.routing.provenance
+    assert first["status"] == "fitted" and first["under"] == "routing"
+    assert lm.routing.nulls[0] is not None and lm.routing_config.alpha == 0.2
+    lm.set_routing(alpha=0.05, pvalue="calibrated", calibration="auto")
+    assert lm.routing.provenance["status"] == "fitted" and lm.routing.provenance["path"] != first["path"]
