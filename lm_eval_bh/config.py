@@ -31,7 +31,8 @@ class RoutingConfig:
 
     `calibration` is the path of a file written by ``lm-eval-bh calibrate``, of a plain-text file to fit
     on at load, or ``"auto"`` (fit on the built-in corpus at load, cached; lm_eval_bh/autocal.py); it is
-    required iff the p-value method needs a null (``pvalue="calibrated"``). `top_p` is used by ``selection="topp"`` only.
+    required iff the p-value method needs a null (``pvalue="calibrated"``). `top_p` is used by
+    ``selection="topp"`` only.
     """
 
     alpha: float = 0.05
