@@ -36,7 +36,11 @@ those arrays and ``meta`` (JSON in a 0-d string array). Anything else: one JSON 
 ``{"format": ..., "version": 2, "meta": {...}, "arrays": {name: {"dtype": "float32", "shape": [...],
 "encoding": "base64", "data": "<little-endian bytes>"}}}``.
 
-Torch, numpy and scipy only (no transformers); the model-facing part is lm_eval_bh/commands/calibrate.py.
+A routing setting names its calibration as a file path, as ``auto`` (fitted at model load on the built-in
+corpus, lm_eval_bh/corpus.py) or as a plain-text file to fit on (`source_kind` tells them apart); the
+fitting and its cache are lm_eval_bh/autocal.py.
+
+Torch, numpy and scipy only (no transformers).
 """
 
 from __future__ import annotations
@@ -63,7 +67,9 @@ __all__ = [
     "Calibration",
     "LayerNull",
     "NullSampler",
+    "check_model",
     "check_settings",
+    "file_provenance",
     "fit_null",
     "layers_fingerprint",
     "lfdr_table",
@@ -72,6 +78,7 @@ __all__ = [
     "read_header",
     "router_fingerprint",
     "save_calibration",
+    "source_kind",
 ]
 
 FORMAT = "lm-eval-bh-calibration"
@@ -327,14 +334,26 @@ class NullSampler:
             values = values.gather(1, idx)
         self._values[layer], self._keys[layer] = values.contiguous(), allkeys.contiguous()
 
+    def sample(self, layer: int, n: int | None = None) -> np.ndarray:
+        """Layer `layer`'s sample (its first `n` values), sorted: float32 (n,) shared or (E, n) per expert."""
+        v = self._values[layer][:, :n].sort(dim=1).values.numpy().astype(np.float32)
+        return v if self.per_expert else v[0]
+
+    def reset(self, layer: int) -> None:
+        """Forget what layer `layer` has seen (its sample is then taken again, e.g. under other routing)."""
+        rows = self.num_experts if self.per_expert else 1
+        self._values[layer], self._keys[layer] = torch.empty(rows, 0), torch.empty(rows, 0)
+        self.tokens[layer] = 0
+        self._sum[layer], self._sumsq[layer] = torch.zeros(rows, dtype=torch.float64), torch.zeros(rows, dtype=torch.float64)
+        self._min[layer] = torch.full((rows,), np.inf, dtype=torch.float64)
+        self._max[layer] = torch.full((rows,), -np.inf, dtype=torch.float64)
+
     def calibration(self, meta: dict | None = None) -> "Calibration":
         """The sorted samples and metadata (summary statistics per layer included)."""
         if min(self.tokens, default=0) == 0:
             raise RoutingError("calibration saw no tokens: give it some text (--text or --tasks)")
         n = min(v.shape[1] for v in self._values)
-        null = np.stack([v[:, :n].sort(dim=1).values.numpy() for v in self._values]).astype(np.float32)
-        if not self.per_expert:
-            null = null[:, 0, :]
+        null = np.stack([self.sample(i, n) for i in range(self.num_layers)])
         stats = []
         for i in range(self.num_layers):
             count = self.tokens[i] * (1 if self.per_expert else self.num_experts)
@@ -536,6 +555,8 @@ def _parse(path: str) -> tuple[object, dict, list[str]]:
             arrays = {a: _decode(a, blobs[a], errors) for a in ARRAYS if a in blobs}
     except RoutingError:
         raise
+    except RecursionError:
+        raise bad("the JSON is nested too deeply") from None
     except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, UnicodeDecodeError, EOFError) as e:
         raise bad(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")) from None
     if fmt != FORMAT:
@@ -586,6 +607,17 @@ def _check_experts(path: str, meta: dict, num_experts: int, num_layers: int | No
                            f"experts{made_for}; this model has {has}{num_experts} experts")
 
 
+TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
+
+
+def source_kind(value: str) -> str:
+    """What a `calibration` value names: "auto" (the built-in corpus), "text" (a plain-text or JSON-lines
+    file to fit on at load: a name ending in .txt, .text, .md or .jsonl) or "file" (a calibration file)."""
+    if value == "auto":
+        return "auto"
+    return "text" if str(value).lower().endswith(TEXT_SUFFIXES) else "file"
+
+
 def check_settings(cfg, num_experts: int) -> None:
     """Before any weights load: the calibration file of `cfg` (if any) is valid, made for `num_experts`
     experts, and can resolve cfg's alpha. pvalue=ecdf with selection=bh needs alpha / num_experts >=
@@ -593,7 +625,7 @@ def check_settings(cfg, num_experts: int) -> None:
     MIN_TAIL calibration values lie beyond that first BH threshold (the tail rate there is then known
     to about 1 / sqrt(count))."""
     path = getattr(cfg, "calibration", None)
-    if path is None:
+    if path is None or source_kind(path) != "file":  # fitted at load (autocal), checked there
         return
     cal = read_calibration(path)
     _check_experts(path, cal.meta, num_experts)
@@ -620,12 +652,32 @@ def load_calibration(path: str | os.PathLike, num_layers: int, num_experts: int,
 
     RoutingError (one line naming the file) when the file is missing or malformed, made for a model with
     another number of MoE layers or experts, or, given this model's `router_fingerprint`, for other
-    """
+    router weights."""
     path = os.fspath(path)
-    cal = read_calibration(path)
-    _check_experts(path, cal.meta, num_experts, num_layers)
+    return check_model(read_calibration(path), path, num_layers, num_experts, fingerprint=fingerprint).layer_nulls(device)
+
+
+def file_provenance(path: str, cal: Calibration) -> dict:
+    """The results file's record of a calibration file: its path, content hash and what it was fitted on."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    prov = dict(cal.meta.get("provenance") or {})
+    under = cal.meta.get("under", "stock")  # files older than --under were fitted under the stock routers
+    out = {**prov, "source": "file", "status": "file", "path": path, "sha256": digest.hexdigest(),
+           "tokens": prov.get("tokens", cal.meta.get("tokens")), "under": "stock" if under == "stock" else "routing"}
+    if isinstance(under, dict):
+        out["under_settings"] = under.get("routing")
+    return out
+
+
+def check_model(cal: Calibration, name: str, num_layers: int, num_experts: int, *,
+                fingerprint: str | None = None) -> Calibration:
+    """`cal` (from the file or source `name`), checked against a model's MoE layers, experts and routers."""
+    _check_experts(name, cal.meta, num_experts, num_layers)
     theirs = cal.meta.get("router_fingerprint")
     if fingerprint is not None and theirs is not None and theirs != fingerprint:
-        raise RoutingError(f"calibration file {path} was made for other router weights (fingerprint {theirs[:12]}, "
+        raise RoutingError(f"calibration file {name} was made for other router weights (fingerprint {theirs[:12]}, "
                            f"this model's {fingerprint[:12]}); run `lm-eval-bh calibrate` on this model")
-    return cal.layer_nulls(device)
+    return cal

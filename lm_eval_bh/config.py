@@ -29,8 +29,10 @@ _DTYPE = torch.float32  # the dtype the router computes p-values and thresholds 
 class RoutingConfig:
     """Routing settings. `max_k=None` and `renormalize=None` mean "the model's own" (top_k, norm_topk_prob).
 
-    `calibration` is the path of a file written by ``lm-eval-bh calibrate``; it is required iff the
-    p-value method needs a null (``pvalue="calibrated"``). `top_p` is used by ``selection="topp"`` only.
+    `calibration` is the path of a file written by ``lm-eval-bh calibrate``, of a plain-text file to fit
+    on at load, or ``"auto"`` (fit on the built-in corpus at load, cached; lm_eval_bh/autocal.py); it is
+    required iff the p-value method needs a null (``pvalue="calibrated"``). `top_p` is used by
+    ``selection="topp"`` only.
     """
 
     alpha: float = 0.05
@@ -75,8 +77,9 @@ class RoutingConfig:
                     f"calibration must be set to a file from `lm-eval-bh calibrate` when "
                     f"{'pvalue' if needs_null[0] == self.pvalue else 'selection'}={needs_null[0]}"
                 )
-            if not os.path.isfile(self.calibration):
-                raise RoutingError(f"calibration file not found: {self.calibration}")
+            if self.calibration != "auto" and not os.path.isfile(self.calibration):
+                raise RoutingError(f"calibration file not found: {self.calibration} (calibration=auto fits one "
+                                   "on the built-in corpus at load)")
         elif self.calibration is not None:
             users = " or ".join([f"pvalue={n}" for n, s in PVALUES.items() if s.needs_null]
                                 + [f"selection={n}" for n, s in SELECTIONS.items() if s.needs_null])

@@ -7,24 +7,58 @@ budget runs from one command. `CORPUS` names it in results files; `corpus_hash` 
 from __future__ import annotations
 
 import hashlib
+import json
+from pathlib import Path
 from typing import Iterable
 
 import torch
 
-__all__ = ["CORPUS", "builtin_texts", "corpus_hash", "token_batches"]
+from .errors import UsageError
 
+__all__ = ["CORPUS", "PATH", "builtin_texts", "corpus_hash", "read_texts", "token_batches"]
+
+PATH = Path(__file__).with_name("assets") / "calibration_corpus.jsonl"
 CORPUS = {
-    "name": "pydoc-topics-even",
-    "source": "pydoc_data/topics.py of the running Python: the even-numbered help topics in sorted order",
+    "name": "pydoc-topics-3.11.7-debugger-to-global",
+    "source": "pydoc_data/topics.py of Python 3.11.7: the help topics 'debugger' to 'global' in sorted "
+              "order (after the embedded real model's fitting text, before the held-out perplexity task's "
+              "topics), lm_eval_bh/assets/calibration_corpus.jsonl, made by scripts/make_corpus.py",
     "licence": "PSF-2.0",
 }
 
 
 def builtin_texts() -> list[str]:
-    """The corpus's documents: one per even-numbered pydoc help topic (sorted by name)."""
-    from pydoc_data.topics import topics
+    """The corpus's documents: one per help topic. Shipped as a file (not read from the running Python),
+    so every machine calibrates on the same text."""
+    with open(PATH, encoding="utf-8") as f:
+        return [json.loads(line)["text"] for line in f if line.strip()]
 
-    return [topics[name] for name in sorted(topics)[::2] if topics[name].strip()]
+
+def read_texts(path: str) -> list[str]:
+    """Documents of a text file: JSON lines with a "text" field, or paragraphs of plain text."""
+    import os
+
+    if not os.path.isfile(path):
+        raise UsageError(f"text file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        content = f.read()
+    first = next((line for line in content.splitlines() if line.strip()), "")
+    if path.endswith(".jsonl") or first.lstrip().startswith("{"):
+        texts = []
+        for n, line in enumerate(content.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UsageError(f"{path}: line {n} is not JSON ({e.msg})") from None
+            except RecursionError:
+                raise UsageError(f"{path}: line {n} is JSON nested too deeply") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise UsageError(f"{path}: line {n} has no string field 'text'")
+            texts.append(doc["text"])
+        return [t for t in texts if t.strip()]
+    return [p.strip() for p in content.replace("\r\n", "\n").split("\n\n") if p.strip()]
 
 
 def corpus_hash(texts: Iterable[str]) -> str:
@@ -41,7 +75,7 @@ def token_batches(tokenizer, texts: Iterable[str], max_length: int, batch_size: 
     (longest first, so batches waste little padding)."""
     windows = []
     for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]  # windows follow
         windows += [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
     windows = [w for w in windows if w]
     windows.sort(key=len, reverse=True)

@@ -23,7 +23,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils_hf import stop_sequences_criteria
 
 from .errors import RoutingError
-from .calibration import check_settings as check_calibration
+from .calibration import check_settings as check_calibration, source_kind
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
 from .patch import BHRouting, check_kernel, warm_up_kernel
@@ -93,7 +93,7 @@ class MoEBHLM(HFLM):
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         self._dtype_arg = kwargs.get("dtype", "auto")
         super().__init__(pretrained=pretrained, **kwargs)
-        self.routing = BHRouting(self.routing_config, kernel=self._router_kernel).patch(self.model)
+        self.routing = self._patch(self.routing_config)
         self._reported: dict | None = None  # the routing block of the last results (get_model_info)
         if self.rank == 0 and _run_by_lm_eval_cli():
             _print_at_exit(self)
@@ -128,11 +128,25 @@ class MoEBHLM(HFLM):
         """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
         config = RoutingConfig(**settings)
         config.resolve(*config_shape(self.model.config))  # a bad setting leaves the current routing in place
-        routing = BHRouting(config, kernel=self._router_kernel)
         self.routing.unpatch()
+        try:
+            routing = self._patch(config)
+        except BaseException:
+            self.routing.patch(self.model)
+            raise
         self.routing_config = config
-        self.routing = routing.patch(self.model)
+        self.routing = routing
         self._rank_totals = {}
+
+    def _patch(self, config: RoutingConfig) -> BHRouting:
+        """The routing patched into the (stock) model; calibration=auto or a text file is fitted first
+        under this routing, or read from its cache (lm_eval_bh/autocal.py)."""
+        fitted = None
+        if config.calibration is not None and source_kind(config.calibration) != "file":
+            from .autocal import resolve
+
+            fitted = resolve(self.model, self.tokenizer, config, progress=self.rank == 0)
+        return BHRouting(config, kernel=self._router_kernel, fitted=fitted).patch(self.model)
 
     def set_cache_hook(self, cache_hook) -> None:
         """lm-eval's request cache (`--use_cache`) attaches here; refuse it, before any request runs."""

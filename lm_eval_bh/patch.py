@@ -40,14 +40,15 @@ class BHRouting:
     """Adaptive (Benjamini-Hochberg) routing for one model, with exact statistics of experts per token."""
 
     def __init__(self, config: RoutingConfig | None = None, *, kernel: str | None = None,
-                 compile: bool | None = None, **settings):
+                 compile: bool | None = None, fitted: "calibration.Calibration | None" = None, **settings):
         """`kernel`: how the variable-k router runs (`ROUTER_KERNELS`): "auto" (default) is the fused Triton
         kernel (lm_eval_bh/routing_kernel.py: one launch per layer) on CUDA where it supports the
         settings, else the reference `routing.route`; "triton" insists on the kernel (an error for settings
         it does not compute; tensors off CUDA still take the reference path); "torch" is the
         reference; "compile" runs the reference through torch.compile on CUDA (~17 s of compilation at the
         first forward of a process and of each new alpha). `compile=True` is the older spelling of
-        kernel="compile"."""
+        kernel="compile". `fitted`: the calibration of ``calibration=auto`` or of a text file, fitted at load
+        (lm_eval_bh/autocal.py), used instead of reading the setting's calibration as a file."""
         self.config = config if config is not None else RoutingConfig(**settings)
         if config is not None and settings:
             raise TypeError("pass either a RoutingConfig or keyword settings, not both")
@@ -56,6 +57,8 @@ class BHRouting:
         self.layers: list[MoELayer] = []
         self.stats: RoutingStats | None = None
         self.nulls: list = []
+        self.fitted = fitted
+        self.provenance: dict | None = None  # where the calibration came from (results: config.routing.calibration)
         self.fixed = False
         self.info: dict = {}
         self._group = 0
@@ -116,14 +119,25 @@ class BHRouting:
             raise
         return self
 
-    @staticmethod
-    def _load_nulls(cfg: RoutingConfig, layers: list[MoELayer], devices: list[torch.device]) -> list:
+    def _load_nulls(self, cfg: RoutingConfig, layers: list[MoELayer], devices: list[torch.device]) -> list:
         """Each layer's calibration null on that layer's device (None per layer unless calibrated)."""
         if cfg.calibration is None:  # no p-value method or rule of this config needs a null
             return [None] * len(layers)
-        nulls = calibration.load_calibration(cfg.calibration, len(layers), layers[0].num_experts,
-                                             fingerprint=calibration.layers_fingerprint(layers))
-        return [null.to(device) for null, device in zip(nulls, devices)]
+        fingerprint = calibration.layers_fingerprint(layers)
+        if self.fitted is not None:
+            cal = calibration.check_model(self.fitted, cfg.calibration, len(layers), layers[0].num_experts,
+                                          fingerprint=fingerprint)
+            self.provenance = cal.meta.get("provenance")
+        elif calibration.source_kind(cfg.calibration) != "file":
+            raise RoutingError(f"calibration={cfg.calibration} is fitted at load with the model's tokenizer: use the "
+                               "lm-eval model class (moe_bh), or pass BHRouting(fitted=lm_eval_bh.autocal."
+                               "resolve(model, tokenizer, config)[0])")
+        else:
+            path = cfg.calibration
+            cal = calibration.check_model(calibration.read_calibration(path), path, len(layers),
+                                          layers[0].num_experts, fingerprint=fingerprint)
+            self.provenance = calibration.file_provenance(path, cal)
+        return [null.to(device) for null, device in zip(cal.layer_nulls(), devices)]
 
     def _patch_layer(self, i: int, layer: MoELayer) -> None:
         cfg = self.config
@@ -329,7 +343,7 @@ class BHRouting:
         per_layer = [m for m in stats["per_layer_mean"] if m is not None]
         active = info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None
         block = RoutingBlock.from_dict({"settings": self.config.as_dict(), "model": info, **stats,
-                                        "active_params_per_token": active})
+                                        "active_params_per_token": active, "calibration": self.provenance})
         return block.to_dict()
 
 

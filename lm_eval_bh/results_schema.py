@@ -68,7 +68,10 @@ class TaskStats:
 @dataclass
 class RoutingBlock:
     """`config.routing`: the settings (`RoutingConfig.as_dict()`), the model, and exact statistics over
-    real tokens (k_histogram counts (token, MoE layer) pairs; means are over real tokens and layers)."""
+    real tokens (k_histogram counts (token, MoE layer) pairs; means are over real tokens and layers).
+    `calibration`: where a calibrated setting's null came from (written only for those): ``source``
+    (auto, text or file), the text it was fitted on (``corpus``, ``licence``, ``corpus_sha256``,
+    ``tokens``), ``under`` (stock or routing), ``status`` (fitted, cached or file), ``seconds``, ``path``."""
 
     settings: dict[str, Any]
     model: ModelInfo
@@ -80,6 +83,7 @@ class RoutingBlock:
     nonfinite_router_tokens: int
     active_params_per_token: float | None = None
     diagnostics: Diagnostics | None = None
+    calibration: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -97,6 +101,7 @@ class RoutingBlock:
             nonfinite_router_tokens=int(d.get("nonfinite_router_tokens") or 0),
             active_params_per_token=d.get("active_params_per_token"),
             diagnostics=None if diag is None else Diagnostics.from_dict(diag),
+            calibration=d.get("calibration"),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -105,6 +110,8 @@ class RoutingBlock:
         out["model"] = asdict(self.model)
         out["per_task"] = {name: asdict(t) for name, t in self.per_task.items()}
         out["diagnostics"] = None if self.diagnostics is None else self.diagnostics.to_dict()
+        if self.calibration is None:
+            del out["calibration"]
         return {**out, **self.extra}
 
 

@@ -20,6 +20,7 @@ from scipy import stats
 
 from conftest import make_olmoe
 from lm_eval_bh import BHRouting, routing
+from lm_eval_bh.autocal import calibrate_model
 from lm_eval_bh.commands import calibrate
 from lm_eval_bh.families import find_moe_layers
 from lm_eval_bh.calibration import (
@@ -290,7 +291,7 @@ def test_foreign_router_weights_are_refused(tmp_path):
         load_calibration(path, 2, 8, fingerprint=fp(b))
     assert "\n" not in str(e.value)
     # through the patch: a calibration of model a refused for model b, accepted for a
-    cal = calibrate.calibrate_model(a, _token_batches(0, 4, vocab=256), samples=512, progress=False)
+    cal = calibrate_model(a, _token_batches(0, 4, vocab=256), samples=512, progress=False)
     path = save_calibration(tmp_path / "a.json", cal)
     with pytest.raises(RoutingError, match=f"calibration file {path} was made for other router weights"):
         BHRouting(pvalue="calibrated", calibration=path).patch(b)
@@ -315,9 +316,9 @@ def tiny_olmoe():
 
 
 def _held_out_logits(model, batches):
-    captured = {i: [] for i in range(len(calibrate.find_routers(model)))}
+    captured = {i: [] for i in range(len([layer.router for layer in find_moe_layers(model)]))}
     hooks = [r.register_forward_hook(lambda m, a, out, i=i: captured[i].append(out[0].detach()))
-             for i, r in enumerate(calibrate.find_routers(model))]
+             for i, r in enumerate([layer.router for layer in find_moe_layers(model)])]
     with torch.inference_mode():
         for ids, mask in batches:
             model.model(input_ids=ids, attention_mask=mask)
@@ -333,7 +334,7 @@ def test_calibration_round_trip_tiny_olmoe(tiny_olmoe, tmp_path):
     model = tiny_olmoe
     held = _held_out_logits(model, _token_batches(1, 24))
     for per_expert in (False, True):
-        cal = calibrate.calibrate_model(model, _token_batches(0, 48), per_expert=per_expert, samples=4096,
+        cal = calibrate_model(model, _token_batches(0, 48), per_expert=per_expert, samples=4096,
                                         progress=False, meta={"model": "tiny"})
         assert cal.meta["num_layers"] == 2 and cal.meta["num_experts"] == 16 and cal.meta["tokens"] == 48 * 64
         assert cal.meta["top_k"] == 4 and cal.meta["model_type"] == "olmoe"
@@ -524,7 +525,7 @@ def test_calibrated_routing_on_a_model_with_offloaded_routers(tmp_path):
     from accelerate import cpu_offload
 
     model = make_olmoe(seed=0)
-    cal = calibrate.calibrate_model(model, _token_batches(0, 4, vocab=256), samples=512, progress=False)
+    cal = calibrate_model(model, _token_batches(0, 4, vocab=256), samples=512, progress=False)
     path = save_calibration(tmp_path / "a.json", cal)
     ids = torch.tensor([[5, 9, 23, 41, 7, 3]])
     with torch.no_grad():
