@@ -152,7 +152,7 @@ def test_temperature_divides_logits_and_null_alike():
 # --- the spec registries, labels and the public functions' argument checks ---------------------------
 
 _CAL_NULL = Calibration(torch.linspace(-3, 3, 99)[None].numpy(), {"num_experts": E}).layer_nulls()[0]
-_OTHER = {"alpha": 0.2, "top_p": 0.9, "temperature": 2.0, "pvalue": "softmax"}
+_OTHER = {"alpha": 0.2, "top_p": 0.9, "temperature": 2.0, "pvalue": "softmax", "beta": 0.1, "entropy_scale": 0.3}
 
 
 def _configs(tmp_path):
@@ -186,8 +186,9 @@ def test_label_shows_exactly_the_parameters_that_change_routing(tmp_path):
                 assert not shown, (c.label(), field)  # a parameter the rule and method never read
         ids.add(c.setting_id())
         assert "/" not in c.setting_id() and " " not in c.setting_id()
-    # topk, topp, lfdr: zscore and softmax order experts alike, so they are one setting each
-    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - 3
+    # the rules that ignore p-values: zscore and softmax order experts alike, so they are one setting each
+    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - sum(
+        not rule.uses_pvalues for rule in routing.SELECTIONS.values())
 
 
 def test_label_examples():
@@ -220,7 +221,7 @@ def test_routing_is_pure_maths():
     tree = ast.parse(inspect.getsource(routing))
     top_level = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top_level |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
-    assert top_level <= {"__future__", "functools", "math", "dataclasses", "typing", "torch", "errors"}, top_level
+    assert top_level <= {"__future__", "functools", "math", "dataclasses", "typing", "torch", "errors", "checks"}, top_level
     src = inspect.getsource(routing)
     assert "from .calibration" not in src and "os.path" not in src and "open(" not in src
 
