@@ -26,6 +26,7 @@ from .errors import RoutingError
 from .calibration import check_settings as check_calibration
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
+from .budget import CAL_TOKENS, check_fit_tokens, fit_budget
 from .patch import BHRouting, check_kernel, warm_up_kernel
 from .config import RoutingConfig
 
@@ -86,6 +87,8 @@ class MoEBHLM(HFLM):
         # how the router runs (patch.ROUTER_KERNELS; compile_router=true is the older spelling of "compile")
         self._router_kernel = check_kernel(kwargs.pop("router_kernel", None), kwargs.pop("compile_router", None),
                                            self.routing_config)
+        # calibration tokens of a budget fit (target_k, layer_k; lm_eval_bh/budget.py)
+        self._fit_tokens = check_fit_tokens(kwargs.pop("fit_tokens", CAL_TOKENS))
         self._real_inputs: set[int] | None = None
         self._zero_tail = False
         self._found_batch: tuple[int, int] | None = None
@@ -93,7 +96,7 @@ class MoEBHLM(HFLM):
         self._downstream_args = set(kwargs) - _HFLM_ARGS  # what goes on to from_pretrained
         self._dtype_arg = kwargs.get("dtype", "auto")
         super().__init__(pretrained=pretrained, **kwargs)
-        self.routing = BHRouting(self.routing_config, kernel=self._router_kernel).patch(self.model)
+        self.routing = self._patch(self.routing_config)
         self._reported: dict | None = None  # the routing block of the last results (get_model_info)
         if self.rank == 0 and _run_by_lm_eval_cli():
             _print_at_exit(self)
@@ -124,14 +127,27 @@ class MoEBHLM(HFLM):
                 raise RoutingError(f"unknown model_arg '{name}': did you mean '{guess}'? "
                                    f"(routing arguments: {', '.join(LM_ARGS)})")
 
+    def _patch(self, config: RoutingConfig) -> BHRouting:
+        """Patch the loaded model with `config`, its budget (target_k, layer_k) first fitted on the built-in
+        calibration corpus (lm_eval_bh/budget.py); the fit lands in the results with the statistics."""
+        config, fit = fit_budget(self.model, self.tokenizer, config, tokens=self._fit_tokens,
+                                 kernel=self._router_kernel)
+        self.routing_config = config
+        routing = BHRouting(config, kernel=self._router_kernel).patch(self.model)
+        routing.budget = fit
+        return routing
+
     def set_routing(self, **settings) -> None:
         """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
         config = RoutingConfig(**settings)
         config.resolve(*config_shape(self.model.config))  # a bad setting leaves the current routing in place
-        routing = BHRouting(config, kernel=self._router_kernel)
+        previous = self.routing_config
         self.routing.unpatch()
-        self.routing_config = config
-        self.routing = routing.patch(self.model)
+        try:
+            self.routing = self._patch(config)
+        except BaseException:  # e.g. an unreachable target_k: the previous routing stays in place
+            self.routing = self._patch(previous)
+            raise
         self._rank_totals = {}
 
     def set_cache_hook(self, cache_hook) -> None:
