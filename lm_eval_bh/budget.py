@@ -72,7 +72,7 @@ def bisect_knob(mean_k: Callable[[float], float], knob: Knob, target: float, *, 
     if not ka - tol <= target <= kb + tol:
         raise RoutingError(
             f"target_k={target:g} is out of reach of {what}: it reaches mean k {ka:.3g} to {kb:.3g} on the calibration "
-            f"text ({knob.param} from {_value(knob, a):g} to {_value(knob, b):g}, within min_k..max_k)")
+            f"text ({knob.param} from {_value(knob, a):g} to {_value(knob, b):g})")
     for t, k in ((a, ka), (b, kb)):
         if abs(k - target) <= tol:
             return _value(knob, t), k
@@ -259,7 +259,8 @@ def fit_budget(model, tokenizer, cfg: RoutingConfig, *, tokens: int = CAL_TOKENS
     resolved = cfg.resolve(first.num_experts, first.top_k, first.renormalizes)
     rule, n = SELECTIONS[cfg.selection], len(layers)
     batches, info = calibration_batches(tokenizer, tokens)
-    what = f"selection={cfg.selection}" + (f" (pvalue={cfg.pvalue})" if rule.uses_pvalues else "")
+    what = (f"selection={cfg.selection} (" + (f"pvalue={cfg.pvalue}, " if rule.uses_pvalues else "")
+            + f"k={resolved.min_k}..{resolved.max_k})")
     plain = {**asdict(cfg), "target_k": None, "allocation": "uniform", "fitted_k": None}
     info = {"target_k": cfg.target_k, "allocation": cfg.allocation, **info}
 
