@@ -413,10 +413,10 @@ def _entropy_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
     number of experts (1 for a one-hot router, m for a uniform one), so k = j exactly when H lies between
     the thresholds ln((j - 1) / c) and ln(j / c): a confident router gets few experts, an undecided one
     many; a larger c gives every token more."""
-    probs = torch.softmax(r.logits, dim=-1)
+    probs = torch.softmax(r.logits.double(), dim=-1)  # float64, and a relative 1e-9 below each threshold:
     entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=-1)
-    effective = torch.exp(entropy.double())  # float64: ceil must not jump on a rounding of c exp(H)
-    return torch.ceil(cfg.entropy_scale * effective).clamp(1, probs.shape[-1]).long()
+    scaled = cfg.entropy_scale * torch.exp(entropy)  # an exact c exp(H) = j (a uniform row) must give j
+    return torch.ceil(scaled * (1.0 - 1e-9)).clamp(1, probs.shape[-1]).long()
 
 
 def _topk_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:

@@ -267,3 +267,20 @@ def test_target_k_through_lm_eval(tiny_model_dir, task_manager):
     from lm_eval_bh.results_schema import RoutingBlock
 
     assert RoutingBlock.from_dict(block).to_dict() == block
+
+
+def test_rules_that_read_probabilities_refuse_a_uniform_router(olmoe):
+    """A router storing its logits at scale 1e-5 (the embedded `real` model, real.ROUTER_SCALE) has uniform
+    probabilities: top-p, skipping and entropy refuse it in one line; BH (scale-free) routes it."""
+    with torch.no_grad():
+        for layer in olmoe.model.layers:
+            layer.mlp.gate.weight.mul_(1e-5 / layer.mlp.gate.weight.std())
+    for selection in ("topp", "skip", "entropy"):
+        assert routing.SELECTIONS[selection].reads_probs
+        with pytest.raises(RoutingError, match=f"selection={selection} reads the router's softmax probabilities") as info:
+            BHRouting(selection=selection, max_k=8).patch(olmoe)
+        _one_line(info)
+    out = _per_layer(olmoe, RoutingConfig(alpha=0.2, max_k=8), _ids(2, 32))
+    assert out["mean_experts_per_token"] > 1
+    # the stock (fixed top-k) model is left as it was by the refused patches
+    assert not any("forward" in layer.mlp.gate.__dict__ for layer in olmoe.model.layers)
