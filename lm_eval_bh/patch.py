@@ -149,9 +149,9 @@ class BHRouting:
             self._set_forward(layer.router, self._make_router(i, layer))
 
     # a router whose logits of one token all lie within this of each other gives every expert the same
-    # probability to 0.1 %: rules that read the probabilities (top-p, skipping, entropy) then decide on
+    # probability to 1 %: rules that read the probabilities (top-p, skipping, entropy) then decide on
     # rounding noise. Absolute on purpose: softmax probabilities depend on the logits' absolute differences.
-    UNIFORM_LOGIT_RANGE = 1e-3
+    UNIFORM_LOGIT_RANGE = 1e-2
 
     def _check_probabilities(self, model: torch.nn.Module) -> None:
         """Refuse a rule that reads router probabilities on a model whose probabilities are uniform by

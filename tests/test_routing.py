@@ -200,6 +200,16 @@ def test_label_examples():
     assert RoutingConfig(pvalue="softmax", temperature=2, max_k=8).label() == "bh/softmax alpha=0.05 k=1..8 T=2"
     assert RoutingConfig(temperature=2, max_k=8).label() == "bh/zscore alpha=0.05 k=1..8"  # zscore ignores T
     assert RoutingConfig(mode="analyze", renormalize=True, max_k=8).setting_id() == "analyze_bh-zscore_a0.05_k1-8_renorm"
+    # the new rules and the budgets: a budget names the setting instead of the knob it fits
+    assert RoutingConfig(selection="skip", beta=0.3, max_k=8).setting_id() == "skip_b0.3_k1-8"
+    assert RoutingConfig(selection="entropy", entropy_scale=0.5, max_k=8).label() == "entropy entropy_scale=0.5 k=1..8"
+    assert RoutingConfig(target_k=3, max_k=8, alpha=0.2).label() == "bh/zscore target_k=3 k=1..8"
+    assert RoutingConfig(target_k=3, max_k=8).setting_id() == "bh-zscore_K3_k1-8"
+    assert RoutingConfig(target_k=2.5, allocation="sensitivity", max_k=8).setting_id() == "bh-zscore_K2.5_sensitivity_k1-8"
+    assert RoutingConfig(selection="topk", target_k=2.5).label() == "topk target_k=2.5"
+    assert RoutingConfig(selection="topk", layer_k="8;2;2.5;3").label() == "topk layer_k=8;2;2.5;3"
+    assert RoutingConfig(selection="topk", layer_k="8;2;2.5;3").setting_id() == "topk_lk8-2-2.5-3"
+    assert RoutingConfig(selection="topk", layer_k=(2, 3)).fixed_k is False
     # distinct values give distinct ids (shortest round-trip text, not 6 significant digits)
     assert RoutingConfig(alpha=0.05).setting_id() != RoutingConfig(alpha=0.0500001).setting_id()
 
