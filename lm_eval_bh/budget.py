@@ -207,7 +207,7 @@ def measure(model, cfg: RoutingConfig, batches, *, loss: bool = False, kernel: s
         for ids, mask in batches:
             ids, mask = ids.to(device), mask.to(device)
             if not loss:
-                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)
+                model(input_ids=ids, attention_mask=mask, logits_to_keep=1)  # the LM head on one position
                 continue
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
@@ -243,9 +243,11 @@ _FITTED: dict = {}  # in-process cache: (router fingerprint, config, tokens) -> 
 
 
 def fit_budget(model, tokenizer, cfg: RoutingConfig, *, tokens: int = CAL_TOKENS,
-               sensitivity_tokens: int = SENSITIVITY_TOKENS, kernel: str | None = None) -> tuple[RoutingConfig, dict | None]:
+               sensitivity_tokens: int = SENSITIVITY_TOKENS, kernel: str | None = None,
+               progress: bool = True) -> tuple[RoutingConfig, dict | None]:
     """(the config to route with, how it was fitted) for a config whose budget needs fitting
-    (`cfg.needs_fit`); else (cfg, None). Fitted on the first `tokens` tokens of the built-in corpus."""
+    (`cfg.needs_fit`); else (cfg, None). Fitted on the first `tokens` tokens of the built-in corpus, one
+    progress-bar step per run over them."""
     if not cfg.needs_fit:
         return cfg, None
     from .calibration import layers_fingerprint
@@ -271,28 +273,32 @@ def fit_budget(model, tokenizer, cfg: RoutingConfig, *, tokens: int = CAL_TOKENS
         losses = layer_sensitivity(model, cfg, sens, n, resolved.min_k, resolved.max_k, reference)
         profile = allocate(losses, cfg.target_k * n, resolved.min_k)
         info["layer_loss"] = losses
+    from tqdm.auto import tqdm
+
     seen: dict = {}  # knob value(s) -> the summary of that run on the calibration text
+    with tqdm(desc=f"fit {cfg.label()} on {info['tokens']} tokens", unit="run", disable=not progress) as bar:
+        def run(**changes) -> dict:
+            point = tuple(sorted(changes.items()))
+            if point not in seen:
+                seen[point] = measure(model, RoutingConfig(**{**plain, **changes}), batches, kernel=kernel)
+                bar.update(1)
+                bar.set_postfix(k=f"{seen[point]['mean_experts_per_token']:.3f}")
+            return seen[point]
 
-    def run(**changes) -> dict:
-        key = tuple(sorted(changes.items()))
-        if key not in seen:
-            seen[key] = measure(model, RoutingConfig(**{**plain, **changes}), batches, kernel=kernel)
-        return seen[key]
-
-    if rule.fixed:  # topk: the allocation is the routing
-        changes = {"layer_k": profile}
-        info.update(knob=None, value=None, layer_k=list(profile))
-    elif profile is not None:  # an adaptive rule meeting per-layer means with a per-layer knob
-        values, _ = bisect_layers(lambda v: run(layer_k=profile, layer_knob=tuple(v))["per_layer_mean"],
-                                  rule.knob, list(profile), what=what)
-        changes = {"layer_k": profile, "layer_knob": tuple(values)}
-        info.update(knob=rule.knob.param, value=None, layer_values=list(values), layer_k=list(profile))
-    else:
-        value, _ = bisect_knob(lambda v: run(**{rule.knob.param: v})["mean_experts_per_token"], rule.knob,
-                               cfg.target_k, what=what)
-        changes = {rule.knob.param: value}
-        info.update(knob=rule.knob.param, value=value)
-    found = run(**changes)  # already measured, except for topk
+        if rule.fixed:  # topk: the allocation is the routing
+            changes = {"layer_k": profile}
+            info.update(knob=None, value=None, layer_k=list(profile))
+        elif profile is not None:  # an adaptive rule meeting per-layer means with a per-layer knob
+            values, _ = bisect_layers(lambda v: run(layer_k=profile, layer_knob=tuple(v))["per_layer_mean"],
+                                      rule.knob, list(profile), what=what)
+            changes = {"layer_k": profile, "layer_knob": tuple(values)}
+            info.update(knob=rule.knob.param, value=None, layer_values=list(values), layer_k=list(profile))
+        else:
+            value, _ = bisect_knob(lambda v: run(**{rule.knob.param: v})["mean_experts_per_token"], rule.knob,
+                                   cfg.target_k, what=what)
+            changes = {rule.knob.param: value}
+            info.update(knob=rule.knob.param, value=value)
+        found = run(**changes)  # already measured, except for topk
     fitted = RoutingConfig(**{**asdict(cfg), **changes, "fitted_k": found["mean_experts_per_token"]})
     info.update(calibration_k=found["mean_experts_per_token"], calibration_per_layer=found["per_layer_mean"],
                 runs=len(seen), seconds=round(time.monotonic() - start, 2))
