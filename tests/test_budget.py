@@ -217,14 +217,14 @@ def tiny(tiny_model_dir):
 def test_fit_budget_meets_target_k_on_the_calibration_text(tiny, selection, target):
     model, tokenizer = tiny
     cfg = RoutingConfig(selection=selection, target_k=target)
-    fitted, info = budget.fit_budget(model, tokenizer, cfg, tokens=512)
+    fitted, info = budget.fit_budget(model, tokenizer, cfg, tokens=256)
     knob = routing.SELECTIONS[selection].knob.param
     assert abs(fitted.fitted_k - target) <= 0.02 * target and info["calibration_k"] == fitted.fitted_k
-    assert info["knob"] == knob and info["value"] == getattr(fitted, knob) and info["tokens"] == 512
+    assert info["knob"] == knob and info["value"] == getattr(fitted, knob) and info["tokens"] == 256
     assert fitted.label() == cfg.label() and fitted.setting_id() == cfg.setting_id()  # named by the target
-    batches, _ = budget.calibration_batches(tokenizer, 512)
+    batches, _ = budget.calibration_batches(tokenizer, 256)
     assert budget.measure(model, fitted, batches)["mean_experts_per_token"] == fitted.fitted_k  # reproducible
-    assert budget.fit_budget(model, tokenizer, cfg, tokens=512)[0] is fitted  # cached in-process
+    assert budget.fit_budget(model, tokenizer, cfg, tokens=256)[0] is fitted  # cached in-process
 
 
 def test_unreachable_target_k_names_the_reachable_range(tiny):
@@ -233,7 +233,7 @@ def test_unreachable_target_k_names_the_reachable_range(tiny):
     model, tokenizer = tiny
     with pytest.raises(RoutingError, match=r"target_k=6 is out of reach of selection=hc \(pvalue=zscore, k=1..16\): "
                                            r"it reaches mean k 1 to [34](\.\d+)? on the calibration text") as err:
-        budget.fit_budget(model, tokenizer, RoutingConfig(selection="hc", target_k=6, max_k=16), tokens=512)
+        budget.fit_budget(model, tokenizer, RoutingConfig(selection="hc", target_k=6, max_k=16), tokens=256)
     _one_line(err)
 
 
@@ -241,22 +241,23 @@ def test_sensitivity_allocation_for_topk_and_bh(tiny):
     model, tokenizer = tiny
     topk, info = budget.fit_budget(model, tokenizer, RoutingConfig(selection="topk", target_k=2.5,
                                                                    allocation="sensitivity"),
-                                   tokens=512, sensitivity_tokens=256)
+                                   tokens=256, sensitivity_tokens=256)
     assert sum(topk.layer_k) == 5.0 and info["layer_k"] == list(topk.layer_k)
     losses = info["layer_loss"]
     assert budget.allocate(losses, 5.0, 1) == topk.layer_k
     assert topk.label() == "topk target_k=2.5 alloc=sensitivity"
     bh, info = budget.fit_budget(model, tokenizer, RoutingConfig(target_k=2.5, allocation="sensitivity"),
-                                 tokens=512, sensitivity_tokens=256)
+                                 tokens=256, sensitivity_tokens=256)
     assert bh.layer_k == topk.layer_k and len(bh.layer_knob) == 2
     for mine, target in zip(info["calibration_per_layer"], bh.layer_k):
         assert abs(mine - target) <= 0.02 * target
 
 
-def test_target_k_through_lm_eval(tiny_model_dir, task_manager):
+def test_target_k_and_its_twin_through_lm_eval(tiny_model_dir, task_manager, tmp_path):
     """`--model moe_bh --model_args pretrained=...,target_k=2`: no calibration step; the results record the
-    found alpha, the calibration-text k and the evaluation's achieved k."""
-    out = lm_eval.simple_evaluate(model="moe_bh", model_args=f"pretrained={tiny_model_dir},target_k=2,fit_tokens=512",
+    found alpha, the calibration-text k and the evaluation's achieved k. Its results file then sets the
+    budget of its fixed top-k twin (`selection=topk,layer_budget=FILE`), per layer within 0.02."""
+    out = lm_eval.simple_evaluate(model="moe_bh", model_args=f"pretrained={tiny_model_dir},target_k=2,fit_tokens=256",
                                   tasks=["mmlu_dev_offline"], task_manager=task_manager, limit=4, device="cpu")
     block = out["config"]["routing"]
     fit = block["budget"]
@@ -284,3 +285,12 @@ def test_rules_that_read_probabilities_refuse_a_uniform_router(olmoe):
     assert out["mean_experts_per_token"] > 1
     # the stock (fixed top-k) model is left as it was by the refused patches
     assert not any("forward" in layer.mlp.gate.__dict__ for layer in olmoe.model.layers)
+    path = tmp_path / "results_target.json"
+    path.write_text(json.dumps({"config": out["config"]}, default=str))
+    twin = lm_eval.simple_evaluate(model="moe_bh", model_args=f"pretrained={tiny_model_dir},selection=topk,"
+                                                              f"layer_budget={path}",
+                                   tasks=["mmlu_dev_offline"], task_manager=task_manager, limit=4, device="cpu")
+    twin_block = twin["config"]["routing"]
+    assert twin_block["tokens"] == block["tokens"] and twin_block["settings"]["layer_budget"] == str(path)
+    for mine, theirs in zip(twin_block["per_layer_mean"], block["per_layer_mean"]):
+        assert abs(mine - theirs) <= 0.02, (twin_block["per_layer_mean"], block["per_layer_mean"])
