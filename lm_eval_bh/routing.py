@@ -9,7 +9,8 @@ Each p-value method (`pvalue=`) is a `PValueMethod` and each selection rule (`se
 `SelectionRule`, registered in `PVALUES` / `SELECTIONS`: adding one means one spec and its tests.
 The settings themselves (`RoutingConfig`) live in lm_eval_bh/config.py. A calibration `null` is
 duck-typed: ``null.pvalue(x)`` (and ``null.per_expert``) for p-values, see lm_eval_bh/calibration.py.
-See docs/pvalues.md for what each method and rule promises.
+The argument checks live in lm_eval_bh/checks.py, below this module and config.py. See docs/pvalues.md
+and docs/rules.md for what each method and rule promises; a rule's `knob` is what `target_k` fits.
 
 Non-finite router logits (NaN, +inf, -inf) are defined behaviour, see `route`.
 """
