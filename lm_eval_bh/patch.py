@@ -68,7 +68,7 @@ class BHRouting:
         self._undo: list = []
         self.layer_configs: list[RoutingConfig] = []  # each layer's config (a per-layer knob: cfg.for_layer)
         self.layer_means: list[float | None] = []  # each layer's budget under a fixed rule (layer_k), else None
-        self._tokens: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # positions, token ids
+        self._positions: dict[torch.device, torch.Tensor] = {}  # of the flattened tokens, for split_counts
         self._probe: list[float] | None = None  # per-layer logit ranges while probing the router probabilities
         self.budget: dict | None = None  # how a budget was fitted (lm_eval_bh/budget.py), for the results
 
@@ -262,12 +262,10 @@ class BHRouting:
         mean = self.layer_means[i] if self.layer_means else None
         if mean is None:
             return None
-        n = logits.shape[0]
-        positions, ids = self._tokens.get(logits.device, (None, None))
-        if positions is None or positions.numel() != n:  # a router call of another size than the model input
-            positions = torch.arange(n, device=logits.device)
-            ids = torch.zeros(n, dtype=torch.long, device=logits.device)
-        return routing.split_counts(mean, positions, ids, i)
+        positions = self._positions.get(logits.device)
+        if positions is None or positions.numel() != logits.shape[0]:  # a router call of another size than the input
+            positions = torch.arange(logits.shape[0], device=logits.device)
+        return routing.split_counts(mean, positions, i)
 
     def _route(self, logits: torch.Tensor, null, allowed=None, i: int = 0) -> routing.Routed:
         kernel, cfg = self.kernel, self.layer_configs[i]
@@ -334,7 +332,7 @@ class BHRouting:
             real = torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
         groups = self._groups[real.device] = torch.where(real, self._group, -1).reshape(-1)
         if any(m is not None for m in self.layer_means):
-            self._tokens = {inputs.device: _token_keys(inputs, kwargs.get("attention_mask"), length)}
+            self._positions = {inputs.device: _positions(inputs, kwargs.get("attention_mask"), length)}
         if self.fixed:
             self.stats.add_to_all_layers(self.config.max_k, groups)
         return None
@@ -401,17 +399,15 @@ class BHRouting:
         return block.to_dict()
 
 
-def _token_keys(inputs: torch.Tensor, mask, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions, token ids) of the flattened tokens of a forward, the key of routing.split_counts: the
-    position counts the real tokens before it in its row (the attention mask's, so left padding and
-    cached decoding keep each token's own position); embeddings without ids count as token 0."""
-    batch = inputs.shape[0]
+def _positions(inputs: torch.Tensor, mask, length: int) -> torch.Tensor:
+    """The positions of the flattened tokens of a forward (routing.split_counts' key): the number of real
+    tokens before each in its row (by the attention mask, so left padding and cached decoding keep each
+    token's own position)."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)[:, -length:]
     else:
-        positions = torch.arange(length, device=inputs.device).expand(batch, length)
-    ids = inputs if inputs.dim() == 2 and not inputs.is_floating_point() else torch.zeros(batch, length, dtype=torch.long)
-    return positions.reshape(-1).to(inputs.device), ids.reshape(-1).to(inputs.device)
+        positions = torch.arange(length, device=inputs.device).expand(inputs.shape[0], length)
+    return positions.reshape(-1).to(inputs.device)
 
 
 COPY_ERROR = ("a model patched by lm-eval-bh cannot be copied or pickled (the copy would route with the "
