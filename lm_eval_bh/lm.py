@@ -26,6 +26,7 @@ from .errors import RoutingError
 from .calibration import check_settings as check_calibration, source_kind
 from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
+from .budget import CAL_TOKENS, check_fit_tokens, fit_budget
 from .patch import BHRouting, check_kernel, warm_up_kernel
 from .config import RoutingConfig
 
@@ -86,6 +87,8 @@ class MoEBHLM(HFLM):
         # how the router runs (patch.ROUTER_KERNELS; compile_router=true is the older spelling of "compile")
         self._router_kernel = check_kernel(kwargs.pop("router_kernel", None), kwargs.pop("compile_router", None),
                                            self.routing_config)
+        # calibration tokens of a budget fit (target_k, layer_k; lm_eval_bh/budget.py)
+        self._fit_tokens = check_fit_tokens(kwargs.pop("fit_tokens", CAL_TOKENS))
         self._real_inputs: set[int] | None = None
         self._zero_tail = False
         self._found_batch: tuple[int, int] | None = None
@@ -124,29 +127,34 @@ class MoEBHLM(HFLM):
                 raise RoutingError(f"unknown model_arg '{name}': did you mean '{guess}'? "
                                    f"(routing arguments: {', '.join(LM_ARGS)})")
 
-    def set_routing(self, **settings) -> None:
-        """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
-        config = RoutingConfig(**settings)
-        config.resolve(*config_shape(self.model.config))  # a bad setting leaves the current routing in place
-        self.routing.unpatch()
-        try:
-            routing = self._patch(config)
-        except BaseException:
-            self.routing.patch(self.model)
-            raise
-        self.routing_config = config
-        self.routing = routing
-        self._rank_totals = {}
-
     def _patch(self, config: RoutingConfig) -> BHRouting:
-        """The routing patched into the (stock) model; calibration=auto or a text file is fitted first
-        under this routing, or read from its cache (lm_eval_bh/autocal.py)."""
+        """Patch the loaded (stock) model with `config`. First `calibration=auto` or a text file is fitted under
+        this routing, or read from its cache (lm_eval_bh/autocal.py); then a budget (target_k, layer_k) is
+        fitted on the built-in corpus with that null (lm_eval_bh/budget.py). Both land in the results."""
         fitted = None
         if config.calibration is not None and source_kind(config.calibration) != "file":
             from .autocal import resolve
 
             fitted = resolve(self.model, self.tokenizer, config, progress=self.rank == 0)
-        return BHRouting(config, kernel=self._router_kernel, fitted=fitted).patch(self.model)
+        config, fit = fit_budget(self.model, self.tokenizer, config, tokens=self._fit_tokens,
+                                 kernel=self._router_kernel, fitted=fitted, progress=self.rank == 0)
+        self.routing_config = config
+        routing = BHRouting(config, kernel=self._router_kernel, fitted=fitted).patch(self.model)
+        routing.budget = fit
+        return routing
+
+    def set_routing(self, **settings) -> None:
+        """Re-patch the loaded model with new routing settings (fresh statistics); weights stay loaded."""
+        config = RoutingConfig(**settings)
+        config.resolve(*config_shape(self.model.config))  # a bad setting leaves the current routing in place
+        previous = self.routing_config
+        self.routing.unpatch()
+        try:
+            self.routing = self._patch(config)
+        except BaseException:  # e.g. an unreachable target_k: the previous routing stays in place
+            self.routing = self._patch(previous)
+            raise
+        self._rank_totals = {}
 
     def set_cache_hook(self, cache_hook) -> None:
         """lm-eval's request cache (`--use_cache`) attaches here; refuse it, before any request runs."""

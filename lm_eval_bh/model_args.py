@@ -20,9 +20,10 @@ DEFAULT_PRETRAINED = "allenai/OLMoE-1B-7B-0924"
 # The fields of lm_eval_bh.config.RoutingConfig (kept here so that reading them needs no torch;
 # tests/test_lm.py checks the two agree).
 ROUTING_ARGS = ("alpha", "min_k", "max_k", "temperature", "pvalue", "selection", "renormalize", "mode",
-                "calibration", "top_p")
+                "calibration", "top_p", "beta", "entropy_scale", "target_k", "allocation", "layer_k", "layer_budget",
+                "layer_knob", "fitted_k")
 # Everything the lm-eval model class takes out of model_args before the rest goes on to HFLM.
-LM_ARGS = ROUTING_ARGS + ("router_kernel", "compile_router")
+LM_ARGS = ROUTING_ARGS + ("router_kernel", "compile_router", "fit_tokens")
 
 
 def parse_model_args(model_args: str | dict | None) -> dict[str, Any]:

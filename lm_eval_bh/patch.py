@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import types
 from copy import deepcopy as _deepcopy
 import warnings
@@ -27,7 +28,8 @@ import torch
 from . import calibration, dispatch, routing
 from .families import MoELayer, check_settings, find_moe_layers, param_split
 from .errors import RoutingError
-from .config import RoutingConfig, _as_bool
+from .checks import as_bool
+from .config import RoutingConfig
 from .results_schema import RoutingBlock
 from .stats import RoutingStats
 
@@ -67,6 +69,11 @@ class BHRouting:
         self._groups: dict[torch.device, torch.Tensor] = {}
         self._pending: dict[int, tuple] = {}
         self._undo: list = []
+        self.layer_configs: list[RoutingConfig] = []  # each layer's config (a per-layer knob: cfg.for_layer)
+        self.layer_means: list[float | None] = []  # each layer's budget under a fixed rule (layer_k), else None
+        self._positions: dict[torch.device, torch.Tensor] = {}  # of the flattened tokens, for split_counts
+        self._probe: list[float] | None = None  # per-layer logit ranges while probing the router probabilities
+        self.budget: dict | None = None  # how a budget was fitted (lm_eval_bh/budget.py), for the results
 
     # --- patch / unpatch --------------------------------------------------------------------
 
@@ -82,6 +89,11 @@ class BHRouting:
             raise RoutingError("MoE layers with different expert counts or top_k are not supported")
         cfg = self.config.resolve(first.num_experts, first.top_k, first.renormalizes)
         check_settings(first, cfg)
+        if cfg.needs_fit:
+            raise RoutingError(f"{cfg.label()} must first be fitted on calibration text: load the model through "
+                               "lm-eval (moe_bh) or call lm_eval_bh.budget.fit_budget(model, tokenizer, config)")
+        self.layer_configs = [cfg.for_layer(i) for i in range(len(layers))]
+        self.layer_means = [cfg.layer_budget_k(i, len(layers)) for i in range(len(layers))]
         devices = [_router_device(model, l) for l in layers]
         self.nulls = self._load_nulls(cfg, layers, devices)
         self.config, self.model, self.layers = cfg, model, layers
@@ -107,6 +119,8 @@ class BHRouting:
                 self._use_dispatch(model, layers)
             if cfg.mode == "patch" and not self.fixed:
                 self._warm_up_kernel(layers, devices)
+            if routing.SELECTIONS[cfg.selection].reads_probs:
+                self._check_probabilities(model)
             for handle in (
                 model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                 model.register_forward_hook(self._after_forward),
@@ -147,6 +161,32 @@ class BHRouting:
             self._set_attr(layer.router, "top_k", cfg.max_k)  # counted once per forward, see _before_forward
         else:
             self._set_forward(layer.router, self._make_router(i, layer))
+
+    # a router whose logits of one token all lie within this of each other gives every expert the same
+    # probability to 1 %: rules that read the probabilities (top-p, skipping, entropy) then decide on
+    # rounding noise. Absolute on purpose: softmax probabilities depend on the logits' absolute differences.
+    UNIFORM_LOGIT_RANGE = 1e-2
+
+    def _check_probabilities(self, model: torch.nn.Module) -> None:
+        """Refuse a rule that reads router probabilities on a model whose probabilities are uniform by
+        construction (e.g. the embedded `real` model, real.ROUTER_SCALE): one forward of 32 tokens."""
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        weight = getattr(embeddings, "weight", None)
+        if weight is None or weight.device.type == "meta":
+            return  # offloaded: no cheap probe
+        ids = torch.arange(1, min(33, weight.shape[0]), device=weight.device).unsqueeze(0)
+        self._probe = []
+        try:
+            with self.paused(), torch.no_grad():
+                model(input_ids=ids)
+            spread = max(self._probe, default=None)
+        finally:
+            self._probe = None
+        if spread is not None and spread < self.UNIFORM_LOGIT_RANGE:
+            raise RoutingError(
+                f"selection={self.config.selection} reads the router's softmax probabilities, but this model's router "
+                f"logits span at most {spread:.2g} per token (probabilities uniform to {spread:.1e}): the rule would "
+                "decide on rounding noise; use bh, hc, lfdr or topk")
 
     def _use_dispatch(self, model: torch.nn.Module, layers: list[MoELayer]) -> None:
         """Variable k: every experts call goes through dispatch.py (padding slots never reach transformers'
@@ -217,20 +257,40 @@ class BHRouting:
     def _make_router(self, i: int, layer: MoELayer):
         def forward(router, hidden, *args, **kwargs):
             logits, scores, allowed = layer.scores(hidden, args, kwargs)
-            routed = self._route(scores, self.nulls[i], allowed)
+            if self._probe is not None:
+                self._note_spread(scores)
+            routed = self._route(scores, self.nulls[i], allowed, i)
             self._record(i, routed.k, routed.nonfinite, routed.discoveries, routed.pvalues)
             weight = layer.weights(logits, routed, self.config.renormalize)
             return logits, weight.to(logits.dtype), routed.index
 
         return types.MethodType(forward, layer.router)
 
-    def _route(self, logits: torch.Tensor, null, allowed=None) -> routing.Routed:
-        kernel = self.kernel
+    def _note_spread(self, scores: torch.Tensor) -> None:
+        finite = torch.isfinite(scores)
+        spread = (scores.masked_fill(~finite, -math.inf).amax(-1) - scores.masked_fill(~finite, math.inf).amin(-1))
+        self._probe.append(float(spread[finite.any(-1)].amax()) if finite.any() else math.inf)
+
+    def _counts(self, i: int, logits: torch.Tensor) -> torch.Tensor | None:
+        """Layer i's per-token counts under a fixed rule's per-layer budget (routing.split_counts), else None."""
+        mean = self.layer_means[i] if self.layer_means else None
+        if mean is None:
+            return None
+        positions = self._positions.get(logits.device)
+        if positions is None or positions.numel() != logits.shape[0]:  # a router call of another size than the input
+            positions = torch.arange(logits.shape[0], device=logits.device)
+        return routing.split_counts(mean, positions, i)
+
+    def _route(self, logits: torch.Tensor, null, allowed=None, i: int = 0) -> routing.Routed:
+        kernel, cfg = self.kernel, self.layer_configs[i]
+        counts = self._counts(i, logits)
+        if counts is not None:  # a per-layer budget: the reference computes it
+            return routing.route(logits, cfg, null=null, allowed=allowed, counts=counts)
         if kernel == "triton" or (kernel == "auto" and logits.is_cuda):
             fused = _routing_kernel()
-            if fused is not None and fused.supports(self.config, logits, null, allowed):
+            if fused is not None and fused.supports(cfg, logits, null, allowed):
                 try:
-                    return fused.route(logits, self.config, null)
+                    return fused.route(logits, cfg, null)
                 except (RoutingError, torch.cuda.OutOfMemoryError):
                     raise
                 except Exception as e:  # e.g. no Triton backend for this GPU: "auto" routes by the reference
@@ -241,20 +301,23 @@ class BHRouting:
                     self.kernel = kernel = "torch"
         if kernel == "compile" and logits.is_cuda:
             try:
-                return _compiled_route()(logits, self.config, null=null, allowed=allowed)
+                return _compiled_route()(logits, cfg, null=null, allowed=allowed)
             except (RoutingError, torch.cuda.OutOfMemoryError):  # OOM: lm-eval's batch-size search handles it
                 raise
             except Exception as e:  # a torch.compile failure must not stop an evaluation
                 warnings.warn(f"lm-eval-bh: torch.compile of the router failed ({type(e).__name__}); routing eagerly")
                 self.kernel = "torch"
-        return routing.route(logits, self.config, null=null, allowed=allowed)
+        return routing.route(logits, cfg, null=null, allowed=allowed)
 
     def _make_analyze_router(self, i: int, layer: MoELayer):
         def forward(router, hidden, *args, **kwargs):
             out = type(router).forward(router, hidden, *args, **kwargs)
+            if self._probe is not None:
+                self._note_spread(layer.scores(hidden, args, kwargs)[1])
             if self._counting():
                 _, scores, allowed = layer.scores(hidden, args, kwargs)
-                sel = routing.select_count(scores, self.config, null=self.nulls[i], allowed=allowed)
+                sel = routing.select_count(scores, self.layer_configs[i], null=self.nulls[i], allowed=allowed,
+                                           counts=self._counts(i, scores))
                 self._record(i, sel.k, None, sel.discoveries, sel.pvalues)
             return out
 
@@ -282,6 +345,8 @@ class BHRouting:
         else:
             real = torch.ones(batch, length, dtype=torch.bool, device=inputs.device)
         groups = self._groups[real.device] = torch.where(real, self._group, -1).reshape(-1)
+        if any(m is not None for m in self.layer_means):
+            self._positions = {inputs.device: _positions(inputs, kwargs.get("attention_mask"), length)}
         if self.fixed:
             self.stats.add_to_all_layers(self.config.max_k, groups)
         return None
@@ -342,9 +407,22 @@ class BHRouting:
         stats = self.stats.summary(**totals)
         per_layer = [m for m in stats["per_layer_mean"] if m is not None]
         active = info["dense_params"] + info["params_per_expert"] * sum(per_layer) if per_layer else None
+        budget = None if self.budget is None else {**self.budget, "achieved_k": stats["mean_experts_per_token"]}
         block = RoutingBlock.from_dict({"settings": self.config.as_dict(), "model": info, **stats,
-                                        "active_params_per_token": active, "calibration": self.provenance})
+                                        "active_params_per_token": active, "calibration": self.provenance,
+                                        "budget": budget})
         return block.to_dict()
+
+
+def _positions(inputs: torch.Tensor, mask, length: int) -> torch.Tensor:
+    """The positions of the flattened tokens of a forward (routing.split_counts' key): the number of real
+    tokens before each in its row (by the attention mask, so left padding and cached decoding keep each
+    token's own position)."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        positions = (mask.long().cumsum(dim=1) - 1).clamp_min(0)[:, -length:]
+    else:
+        positions = torch.arange(length, device=inputs.device).expand(inputs.shape[0], length)
+    return positions.reshape(-1).to(inputs.device)
 
 
 COPY_ERROR = ("a model patched by lm-eval-bh cannot be copied or pickled (the copy would route with the "
@@ -389,7 +467,7 @@ ROUTER_KERNELS = ("auto", "triton", "torch", "compile")
 def check_kernel(kernel, compile_router, config: RoutingConfig) -> str:
     """The router kernel to use (`router_kernel=`, or the older `compile_router=true`), checked against the
     settings: "triton" needs Triton and settings the fused kernel computes (one line otherwise)."""
-    compiled = None if compile_router is None else _as_bool("compile_router", compile_router)
+    compiled = None if compile_router is None else as_bool("compile_router", compile_router)
     if kernel is None:
         kernel = "compile" if compiled else "auto"
     elif kernel not in ROUTER_KERNELS:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["Diagnostics", "LayerDiagnostics", "ModelInfo", "RoutingBlock", "TaskStats", "routing_block"]
+__all__ = ["Diagnostics", "LayerDiagnostics", "ModelInfo", "RoutingBlock", "TaskStats", "layer_budget_profile",
+           "routing_block"]
 
 
 @dataclass
@@ -83,7 +84,11 @@ class RoutingBlock:
     nonfinite_router_tokens: int
     active_params_per_token: float | None = None
     diagnostics: Diagnostics | None = None
+    # where the null came from (calibration=auto, a text file or a file; lm_eval_bh/autocal.py)
     calibration: dict[str, Any] | None = None
+    # a fitted budget (target_k, layer_k; lm_eval_bh/budget.py): the knob found, the mean k on the
+    # calibration text, the text (corpus, tokens, hash), and `achieved_k`, this evaluation's mean k
+    budget: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -102,6 +107,7 @@ class RoutingBlock:
             active_params_per_token=d.get("active_params_per_token"),
             diagnostics=None if diag is None else Diagnostics.from_dict(diag),
             calibration=d.get("calibration"),
+            budget=d.get("budget"),
             extra={k: v for k, v in d.items() if k not in known},
         )
 
@@ -110,8 +116,9 @@ class RoutingBlock:
         out["model"] = asdict(self.model)
         out["per_task"] = {name: asdict(t) for name, t in self.per_task.items()}
         out["diagnostics"] = None if self.diagnostics is None else self.diagnostics.to_dict()
-        if self.calibration is None:
-            del out["calibration"]
+        for name in ("calibration", "budget"):  # files without them keep their old shape
+            if out[name] is None:
+                del out[name]
         return {**out, **self.extra}
 
 
@@ -120,3 +127,30 @@ def routing_block(results: dict) -> RoutingBlock | None:
     (e.g. ``--model hf``)."""
     block = (results.get("config") or {}).get("routing")
     return RoutingBlock.from_dict(block) if isinstance(block, dict) else None
+
+
+def layer_budget_profile(path) -> tuple[float, ...]:
+    """The per-layer mean k of the run a results file records (lm-eval's results JSON, or a sweep's
+    <setting_id>.json): the budget of its fixed top-k twin (`layer_budget=FILE`). One-line RoutingError
+    when the file is missing, not JSON, or holds no complete per-layer means."""
+    import json
+    import os
+
+    from .errors import RoutingError
+
+    path = os.fspath(path)
+    what = f"layer_budget {path}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise RoutingError(f"{what}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RoutingError(f"{what}: not a readable JSON results file ({type(e).__name__})") from None
+    block = (data.get("config") or {}).get("routing") if isinstance(data, dict) else None
+    means = block.get("per_layer_mean") if isinstance(block, dict) else None
+    if not isinstance(means, list) or not means or not all(
+            isinstance(m, (int, float)) and not isinstance(m, bool) and m >= 1 for m in means):
+        raise RoutingError(f"{what}: no per-layer mean k (config.routing.per_layer_mean, numbers >= 1) in it; "
+                           "give the results file of a moe_bh run that counted tokens")
+    return tuple(float(m) for m in means)

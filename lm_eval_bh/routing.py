@@ -9,7 +9,8 @@ Each p-value method (`pvalue=`) is a `PValueMethod` and each selection rule (`se
 `SelectionRule`, registered in `PVALUES` / `SELECTIONS`: adding one means one spec and its tests.
 The settings themselves (`RoutingConfig`) live in lm_eval_bh/config.py. A calibration `null` is
 duck-typed: ``null.pvalue(x)`` (and ``null.per_expert``) for p-values, see lm_eval_bh/calibration.py.
-See docs/pvalues.md for what each method and rule promises.
+The argument checks live in lm_eval_bh/checks.py, below this module and config.py. See docs/pvalues.md
+and docs/rules.md for what each method and rule promises; a rule's `knob` is what `target_k` fits.
 
 Non-finite router logits (NaN, +inf, -inf) are defined behaviour, see `route`.
 """
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import torch
 
+from .checks import check_alpha, check_temperature
 from .errors import RoutingError
 
 if TYPE_CHECKING:
@@ -37,6 +39,7 @@ __all__ = [
     "Routed",
     "RoutingConfig",
     "RoutingError",
+    "Knob",
     "Selection",
     "SelectionRule",
     "benjamini_hochberg",
@@ -46,6 +49,7 @@ __all__ = [
     "pvalues",
     "route",
     "select_count",
+    "split_counts",
 ]
 
 
@@ -214,8 +218,6 @@ def _check_logits(logits, name: str = "logits") -> None:
 
 def pvalues(logits: torch.Tensor, method: str = "zscore", temperature: float = 1.0, null=None) -> torch.Tensor:
     """P-values of every expert for each token, in the experts' own order (for analysis and tests)."""
-    from .config import check_temperature  # the argument checks live with the config
-
     _check_logits(logits)
     if method not in PVALUES:
         raise RoutingError(f"method must be one of {', '.join(PVALUES)}; got {method!r}")
@@ -245,6 +247,19 @@ class Ranked(NamedTuple):
 
 
 @dataclass(frozen=True)
+class Knob:
+    """A rule's budget knob: the RoutingConfig field that `target_k` bisects. Mean k is monotone in it
+    (non-decreasing if `increasing`, else non-increasing) over [lo, hi]; the bisection runs on the
+    `scale` ("logit" for a level in (0, 1), "log" for a positive factor, "linear") of the value."""
+
+    param: str
+    lo: float
+    hi: float
+    increasing: bool = True
+    scale: str = "logit"
+
+
+@dataclass(frozen=True)
 class SelectionRule:
     """How many of a token's experts (in p-value order) to keep.
 
@@ -257,7 +272,9 @@ class SelectionRule:
     params: tuple[str, ...] = ()  # the RoutingConfig fields it reads besides min_k / max_k
     uses_pvalues: bool = True  # False: the count ignores the p-values (they only order the experts)
     needs_null: bool = False  # needs the layer's calibration (`calibration=FILE`)
-    fixed: bool = False  # the count is always max_k
+    fixed: bool = False  # the count is always max_k (or the per-layer budget, `layer_k`)
+    knob: Knob | None = None  # the parameter `target_k` fits (None: a fixed rule, budgeted by `layer_k`)
+    reads_probs: bool = False  # reads the router's softmax probabilities (meaningless when they are uniform)
 
 
 def _bh_factor(m: int, dtype: torch.dtype, device) -> torch.Tensor:
@@ -292,8 +309,6 @@ def benjamini_hochberg(pvalues: torch.Tensor, alpha: float) -> torch.Tensor:
     Computed in float64 if `pvalues` is float64, else float32; NaN p-values are never rejected.
     Identical to ``scipy.stats.false_discovery_control(p, axis=-1) <= alpha`` for p in the same dtype.
     """
-    from .config import check_alpha  # the argument checks live with the config
-
     alpha = check_alpha(alpha)
     if not isinstance(pvalues, torch.Tensor) or pvalues.dim() < 1:
         raise RoutingError(f"pvalues must be a tensor with at least one dimension, got {pvalues!r}")
@@ -380,6 +395,31 @@ def _topp_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
     return (below.sum(dim=-1) + 1).clamp_max(probs.shape[-1])
 
 
+def _router_probs(r: Ranked) -> torch.Tensor:
+    """The router's softmax probabilities (temperature 1, the ones the weights use), descending."""
+    probs = torch.softmax(r.logits, dim=-1)
+    return probs if r.by_logit else probs.sort(dim=-1, descending=True).values
+
+
+def _skip_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
+    """Dynamic expert skipping (Lu et al. 2024, "Not All Experts are Equal"): keep every expert whose
+    routing weight (softmax probability) is at least beta times the token's top weight."""
+    probs = _router_probs(r)
+    return (probs >= cfg.beta * probs[..., :1]).sum(dim=-1)
+
+
+def _entropy_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
+    """Entropy-based adaptive k (as in the adaptive-k-routing package): k = ceil(c exp(H)), H the Shannon
+    entropy (nats) of the token's router probabilities and c = `entropy_scale`. exp(H) is the effective
+    number of experts (1 for a one-hot router, m for a uniform one), so k = j exactly when H lies between
+    the thresholds ln((j - 1) / c) and ln(j / c): a confident router gets few experts, an undecided one
+    many; a larger c gives every token more."""
+    probs = torch.softmax(r.logits.double(), dim=-1)  # float64, and a relative 1e-9 below each threshold:
+    entropy = -(probs * torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))).sum(dim=-1)
+    scaled = cfg.entropy_scale * torch.exp(entropy)  # an exact c exp(H) = j (a uniform row) must give j
+    return torch.ceil(scaled * (1.0 - 1e-9)).clamp(1, probs.shape[-1]).long()
+
+
 def _topk_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
     m = r.p.shape[-1]
     k = cfg.max_k if cfg.max_k is not None else m
@@ -405,11 +445,18 @@ def _lfdr_count(r: Ranked, cfg: "RoutingConfig") -> torch.Tensor:
 SELECTIONS: dict[str, SelectionRule] = {
     spec.name: spec
     for spec in (
-        SelectionRule("bh", _bh_count, "bh", params=("alpha",)),
-        SelectionRule("hc", _hc_count, "hc", params=("alpha",)),
-        SelectionRule("topp", _topp_count, "topp", params=("top_p",), uses_pvalues=False),
+        SelectionRule("bh", _bh_count, "bh", params=("alpha",), knob=Knob("alpha", 1e-8, 1 - 1e-6)),
+        # below alpha = 1e-3 fewer than 100 simulated HC maxima lie beyond the critical value
+        SelectionRule("hc", _hc_count, "hc", params=("alpha",), knob=Knob("alpha", 1e-3, 1 - 1e-3)),
+        SelectionRule("topp", _topp_count, "topp", params=("top_p",), uses_pvalues=False,
+                      knob=Knob("top_p", 1e-6, 1.0, scale="linear"), reads_probs=True),
         SelectionRule("topk", _topk_count, "topk", uses_pvalues=False, fixed=True),
-        SelectionRule("lfdr", _lfdr_count, "lfdr", params=("alpha",), uses_pvalues=False, needs_null=True),
+        SelectionRule("lfdr", _lfdr_count, "lfdr", params=("alpha",), uses_pvalues=False, needs_null=True,
+                      knob=Knob("alpha", 1e-8, 1 - 1e-6)),
+        SelectionRule("skip", _skip_count, "skip", params=("beta",), uses_pvalues=False,
+                      knob=Knob("beta", 1e-6, 1.0, increasing=False, scale="log"), reads_probs=True),
+        SelectionRule("entropy", _entropy_count, "entropy", params=("entropy_scale",), uses_pvalues=False,
+                      knob=Knob("entropy_scale", 1e-3, 1e3, scale="log"), reads_probs=True),
     )
 }
 
@@ -485,25 +532,44 @@ def _check_config(cfg, num_experts: int) -> None:
         raise RoutingError(f"max_k must be between min_k and the number of experts ({num_experts}), got {cfg.max_k}")
 
 
-def select_count(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.Tensor | None = None) -> Selection:
+def split_counts(mean: float, positions: torch.Tensor, layer: int = 0) -> torch.Tensor:
+    """Per-token counts whose mean is `mean` (a fractional per-layer budget): floor(mean) + 1 for a token
+    when u < frac(mean), else floor(mean), with u = frac(phi (position + 1) + rho layer), phi the golden
+    ratio's fraction (a Weyl sequence of the lowest discrepancy). Deterministic per position, so the same
+    text gets the same counts in any batch; over the positions 0..n-1 of one sequence the share of
+    rounded-up tokens is frac(mean) to within a few tokens (a hash of the token would add random error:
+    measured 2-5x larger over lm-eval-like sequences). `positions` (T,) integer tensor."""
+    base = math.floor(mean)
+    u = torch.frac((positions.double() + 1) * _PHI + layer * _RHO)
+    return base + (u < mean - base).long()
+
+
+_PHI, _RHO = (math.sqrt(5) - 1) / 2, math.sqrt(3) - 1
+
+
+def select_count(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> Selection:
     """Order experts by p-value and count how many each token keeps (see `Selection`).
 
-    Rows with no finite logit get k = `_dead_k(cfg)` (see `route`); `allowed`: see `route`.
+    Rows with no finite logit get k = `_dead_k(cfg)` (see `route`); `allowed`, `counts`: see `route`.
     """
     _check_logits(logits)
     _check_config(cfg, logits.shape[-1])
     if allowed is not None and (allowed.shape != logits.shape or allowed.dtype != torch.bool):
         raise RoutingError(f"allowed must be a bool tensor of the logits' shape {tuple(logits.shape)}")
+    if counts is not None and (counts.shape != logits.shape[:-1] or counts.dtype != torch.long):
+        raise RoutingError(f"counts must be a long tensor of shape {tuple(logits.shape[:-1])} (one per token)")
     ranked = _rank(_clean(logits), cfg, null, allowed)
     bad = torch.isnan(ranked.p)  # only a degenerate method/null could produce one: count it, treat as p = 1
     ranked = ranked._replace(p=ranked.p.masked_fill(bad, 1.0))
-    discoveries = SELECTIONS[cfg.selection].fn(ranked, cfg)
+    discoveries = SELECTIONS[cfg.selection].fn(ranked, cfg) if counts is None else counts
     dead = ranked.logits[..., 0] == NONFINITE_LOGIT  # the best expert is non-finite: all are
     k = torch.where(dead, _dead_k(cfg), discoveries.clamp(cfg.min_k, cfg.max_k))
     return Selection(ranked.logits, ranked.order, k, discoveries, ranked.p, bad.any(dim=-1))
 
 
-def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.Tensor | None = None) -> Routed:
+def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.Tensor | None = None,
+          counts: torch.Tensor | None = None) -> Routed:
     """Route each token (row of `logits`, shape (T, E)) to between min_k and max_k experts.
 
     `cfg` must be resolved (`cfg.resolve(...)`, so max_k is set); `null` is this layer's calibration
@@ -525,8 +591,11 @@ def route(logits: torch.Tensor, cfg: "RoutingConfig", null=None, allowed: torch.
     group-limited router keeps). The others get p = 1 and come after the allowed ones in the selection
     order, so they are taken only when min_k forces more experts than are allowed; the p-values of the
     allowed experts, and BH's m, are those of all E experts.
+
+    `counts` (T,) long, optional: how many experts each token keeps, in place of the rule's count (a
+    per-layer budget `layer_k`, see `split_counts`); still clamped to [min_k, max_k].
     """
-    sel = select_count(logits, cfg, null, allowed)  # checks the arguments
+    sel = select_count(logits, cfg, null, allowed, counts)  # checks the arguments
     num_experts, max_k = logits.shape[-1], cfg.max_k
     k = sel.k
     valid = torch.arange(max_k, device=logits.device) < k.unsqueeze(-1)

@@ -152,7 +152,7 @@ def test_temperature_divides_logits_and_null_alike():
 # --- the spec registries, labels and the public functions' argument checks ---------------------------
 
 _CAL_NULL = Calibration(torch.linspace(-3, 3, 99)[None].numpy(), {"num_experts": E}).layer_nulls()[0]
-_OTHER = {"alpha": 0.2, "top_p": 0.9, "temperature": 2.0, "pvalue": "softmax"}
+_OTHER = {"alpha": 0.2, "top_p": 0.9, "temperature": 2.0, "pvalue": "softmax", "beta": 0.1, "entropy_scale": 0.3}
 
 
 def _configs(tmp_path):
@@ -186,8 +186,9 @@ def test_label_shows_exactly_the_parameters_that_change_routing(tmp_path):
                 assert not shown, (c.label(), field)  # a parameter the rule and method never read
         ids.add(c.setting_id())
         assert "/" not in c.setting_id() and " " not in c.setting_id()
-    # topk, topp, lfdr: zscore and softmax order experts alike, so they are one setting each
-    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - 3
+    # the rules that ignore p-values: zscore and softmax order experts alike, so they are one setting each
+    assert len(ids) == len(routing.SELECTIONS) * len(routing.PVALUES) - sum(
+        not rule.uses_pvalues for rule in routing.SELECTIONS.values())
 
 
 def test_label_examples():
@@ -199,6 +200,16 @@ def test_label_examples():
     assert RoutingConfig(pvalue="softmax", temperature=2, max_k=8).label() == "bh/softmax alpha=0.05 k=1..8 T=2"
     assert RoutingConfig(temperature=2, max_k=8).label() == "bh/zscore alpha=0.05 k=1..8"  # zscore ignores T
     assert RoutingConfig(mode="analyze", renormalize=True, max_k=8).setting_id() == "analyze_bh-zscore_a0.05_k1-8_renorm"
+    # the new rules and the budgets: a budget names the setting instead of the knob it fits
+    assert RoutingConfig(selection="skip", beta=0.3, max_k=8).setting_id() == "skip_b0.3_k1-8"
+    assert RoutingConfig(selection="entropy", entropy_scale=0.5, max_k=8).label() == "entropy entropy_scale=0.5 k=1..8"
+    assert RoutingConfig(target_k=3, max_k=8, alpha=0.2).label() == "bh/zscore target_k=3 k=1..8"
+    assert RoutingConfig(target_k=3, max_k=8).setting_id() == "bh-zscore_K3_k1-8"
+    assert RoutingConfig(target_k=2.5, allocation="sensitivity", max_k=8).setting_id() == "bh-zscore_K2.5_sensitivity_k1-8"
+    assert RoutingConfig(selection="topk", target_k=2.5).label() == "topk target_k=2.5"
+    assert RoutingConfig(selection="topk", layer_k="8;2;2.5;3").label() == "topk layer_k=8;2;2.5;3"
+    assert RoutingConfig(selection="topk", layer_k="8;2;2.5;3").setting_id() == "topk_lk8-2-2.5-3"
+    assert RoutingConfig(selection="topk", layer_k=(2, 3)).fixed_k is False
     # distinct values give distinct ids (shortest round-trip text, not 6 significant digits)
     assert RoutingConfig(alpha=0.05).setting_id() != RoutingConfig(alpha=0.0500001).setting_id()
 
@@ -220,7 +231,7 @@ def test_routing_is_pure_maths():
     tree = ast.parse(inspect.getsource(routing))
     top_level = {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
     top_level |= {n.module or "" for n in tree.body if isinstance(n, ast.ImportFrom)}
-    assert top_level <= {"__future__", "functools", "math", "dataclasses", "typing", "torch", "errors"}, top_level
+    assert top_level <= {"__future__", "functools", "math", "dataclasses", "typing", "torch", "errors", "checks"}, top_level
     src = inspect.getsource(routing)
     assert "from .calibration" not in src and "os.path" not in src and "open(" not in src
 

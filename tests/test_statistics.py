@@ -481,3 +481,71 @@ def test_topp_hand_made_and_against_numpy():
     c = RoutingConfig(selection="topp", top_p=0.7, max_k=4).resolve(4, 4, False)
     object.__setattr__(c, "pvalue", "calibrated")
     assert route(x, c, null=null).k.tolist() == [2, 2, 3]
+
+
+# --- dynamic skipping and entropy-based adaptive k ----------------------------------------------------
+
+
+_HAND = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5], [0.25, 0.25, 0.25, 0.25]],
+                               dtype=torch.float64)).float()
+
+
+def _k(selection, **kw):
+    m = _HAND.shape[-1]
+    return route(_HAND, RoutingConfig(selection=selection, max_k=m, **kw).resolve(m, m, False)).k.tolist()
+
+
+def test_skip_hand_made():
+    """Keep an expert whose weight is >= beta x the top weight (Lu et al. 2024): weights 0.5, 0.3, 0.15,
+    0.05 keep 0.5 and 0.3 at beta = 0.5 (cut at 0.25), add 0.15 at beta = 0.25 (cut 0.125), all at 0.05."""
+    assert _k("skip", beta=1.0) == [1, 1, 4]  # only the top one, or its exact ties
+    assert _k("skip", beta=0.5) == [2, 2, 4]
+    assert _k("skip", beta=0.25) == [3, 3, 4]
+    assert _k("skip", beta=0.05) == [4, 4, 4]
+    r = route(_HAND, RoutingConfig(selection="skip", beta=0.5, max_k=4).resolve(4, 4, False))
+    assert r.index[1, :2].tolist() == [3, 2]  # the kept experts are the heaviest ones
+
+
+def test_entropy_hand_made():
+    """k = ceil(c exp(H)): for weights 0.5, 0.3, 0.15, 0.05, H = 1.14212 nats and exp(H) = 3.1334, so
+    c = 1 -> 4, 0.9 -> 3 (2.82), 0.5 -> 2 (1.567), 0.3 -> 1 (0.94); a uniform row has exp(H) = 4 exactly."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    assert math.exp(-(p * np.log(p)).sum()) == pytest.approx(3.1334, abs=1e-4)
+    assert _k("entropy", entropy_scale=1.0) == [4, 4, 4]
+    assert _k("entropy", entropy_scale=0.9) == [3, 3, 4]
+    assert _k("entropy", entropy_scale=0.5) == [2, 2, 2]
+    assert _k("entropy", entropy_scale=0.3) == [1, 1, 2]
+    assert _k("entropy", entropy_scale=0.2) == [1, 1, 1]
+    # against numpy on random routers
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (3000, 64)).astype(np.float32)
+    probs = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    effective = np.exp(-(probs * np.log(probs)).sum(-1))
+    for c in (0.05, 0.2, 0.5):
+        ours = route(torch.from_numpy(logits),
+                     RoutingConfig(selection="entropy", entropy_scale=c, max_k=64).resolve(64, 8, False)).k.numpy()
+        ref = np.clip(np.ceil(c * effective), 1, 64)
+        assert (ours != ref).mean() < 1e-3, c  # float32 entropy vs float64: only at a threshold
+
+
+@pytest.mark.parametrize("selection", [n for n, rule in routing.SELECTIONS.items() if rule.knob is not None])
+def test_every_budget_knob_moves_k_the_way_its_spec_says(selection):
+    """target_k bisects each rule's knob (`SelectionRule.knob`): every token's k must be monotone in it,
+    in the declared direction, over the declared range."""
+    knob = routing.SELECTIONS[selection].knob
+    x = torch.randn(2000, _E, generator=torch.Generator().manual_seed(4)) * 2
+    x[:500, :3] += 6.0
+    grid = np.exp(np.linspace(math.log(knob.lo), math.log(knob.hi), 25)) if knob.scale != "linear" \
+        else np.linspace(knob.lo, knob.hi, 25)
+    if knob.scale == "logit":
+        grid = 1 / (1 + np.exp(-np.linspace(math.log(knob.lo / (1 - knob.lo)), math.log(knob.hi / (1 - knob.hi)), 25)))
+    null = _shared if routing.SELECTIONS[selection].needs_null else None
+    ks = []
+    for v in grid:
+        cfg = _cfg(null, pvalue="zscore", selection=selection, min_k=1, max_k=_E, **{knob.param: float(v)})
+        ks.append(route(x, cfg, null=null).k)
+    ks = torch.stack(ks)
+    steps = ks[1:] - ks[:-1]
+    assert ((steps >= 0) if knob.increasing else (steps <= 0)).all(), selection
+    assert ks[-1].double().mean() != ks[0].double().mean()  # the knob does something
