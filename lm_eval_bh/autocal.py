@@ -289,10 +289,10 @@ def resolve(model: torch.nn.Module, tokenizer, cfg: RoutingConfig, *, tokens: in
             pass
         else:
             if cal.meta.get("cache_key") == key:
-                cal.meta["provenance"] = {**prov, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
+                cal.meta["provenance"] = {**prov, "per_expert": cal.per_expert, "status": "cached", "seconds": round(time.perf_counter() - start, 3)}
                 return cal
     cal = calibrate_model(model, batches, progress=progress, under=under, meta={"cache_key": key})
-    cal.meta["provenance"] = {**prov, "status": "fitted", "seconds": round(time.perf_counter() - start, 3)}
+    cal.meta["provenance"] = {**prov, "per_expert": cal.per_expert, "status": "fitted", "seconds": round(time.perf_counter() - start, 3)}
     try:
         save_calibration(path, cal)
     except OSError as e:  # an unwritable cache costs a refit next time, not the evaluation

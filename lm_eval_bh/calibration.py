@@ -666,6 +666,7 @@ def file_provenance(path: str, cal: Calibration) -> dict:
     prov = dict(cal.meta.get("provenance") or {})
     under = cal.meta.get("under", "stock")  # files older than --under were fitted under the stock routers
     out = {**prov, "source": "file", "status": "file", "path": path, "sha256": digest.hexdigest(),
+           "per_expert": cal.per_expert,
            "tokens": prov.get("tokens", cal.meta.get("tokens")), "under": "stock" if under == "stock" else "routing"}
     if isinstance(under, dict):
         out["under_settings"] = under.get("routing")

@@ -384,15 +384,15 @@ def test_settings_with_a_target_k_are_compared_at_exactly_that_k(tmp_path):
     write("b", 1.95, target_k=2.0, kw={"selection": "hc", "alpha": 0.12})
     write("c", 3.05, target_k=3.0, kw={"alpha": 0.2})
     text, rep, _ = _report(d)
-    a = _one(rep, "bh/zscore alpha=0.031 k=1..8 target_k=2")
+    a = _one(rep, "bh/zscore target_k=2 k=1..8")
     diff = np.array(items["a"]) - np.array(items[2])
     assert a["topk_at_target"] == pytest.approx(np.mean(items[2]))
     assert a["delta_at_target"] == pytest.approx(diff.mean())
     assert a["delta_at_target_se"] == pytest.approx(diff.std(ddof=1) / math.sqrt(6))
     assert a["topk_value_at_k"] != pytest.approx(np.mean(items[2]))  # the interpolated Δ is at k 2.1
-    b = _one(rep, "hc/zscore alpha=0.12 k=1..8 target_k=2")
+    b = _one(rep, "hc/zscore target_k=2 k=1..8")
     assert b["delta_at_target"] == pytest.approx(np.mean(items["b"]) - np.mean(items[2]))
-    c = _one(rep, "bh/zscore alpha=0.2 k=1..8 target_k=3")
+    c = _one(rep, "bh/zscore target_k=3 k=1..8")
     assert math.isnan(c["delta_at_target"]) and math.isfinite(c["delta_vs_topk"])
     assert "at matched target k (target_k)" in text
 

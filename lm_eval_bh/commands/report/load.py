@@ -247,7 +247,7 @@ def calibration_facts(block, identity: dict) -> tuple[str | None, bool | None]:
     from what the results file records (the routing block's calibration provenance, the settings, the
     sweep identity), else from the file at the recorded path if it is still there."""
     st = block.settings
-    prov = block.extra.get("calibration")
+    prov = block.calibration if block.calibration is not None else block.extra.get("calibration")
     prov = prov if isinstance(prov, dict) else {}
     sha = next((v for v in (prov.get("sha256"), prov.get("hash"), st.get("calibration_sha256"),
                             ((identity or {}).get("routing") or {}).get("calibration_sha256"))
