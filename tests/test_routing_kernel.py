@@ -111,6 +111,9 @@ def test_kernel_reads_half_precision_and_strided_logits():
     wide = _logits(16, 128, seed=3).to(DEVICE)
     x = wide[:, ::2]  # non-contiguous rows
     _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
+    sliced = wide[:, 32:96]  # column-sliced: contiguous rows 128 apart, not 64 (e.g. a fused projection's slice)
+    assert sliced.stride() == (128, 1)
+    _assert_same(routing_kernel.route(sliced, cfg), routing.route(sliced, cfg))
     half = _logits(16, 64, seed=4).to(DEVICE, torch.bfloat16)
     _assert_same(routing_kernel.route(half, cfg), routing.route(half, cfg))
 
