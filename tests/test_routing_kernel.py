@@ -8,6 +8,7 @@ weights, non-finite rows) exactly. bench/bench.py checks bit-equality on the GPU
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -110,6 +111,9 @@ def test_kernel_reads_half_precision_and_strided_logits():
     wide = _logits(16, 128, seed=3).to(DEVICE)
     x = wide[:, ::2]  # non-contiguous rows
     _assert_same(routing_kernel.route(x, cfg), routing.route(x, cfg))
+    sliced = wide[:, 32:96]  # column-sliced: contiguous rows 128 apart, not 64 (e.g. a fused projection's slice)
+    assert sliced.stride() == (128, 1)
+    _assert_same(routing_kernel.route(sliced, cfg), routing.route(sliced, cfg))
     half = _logits(16, 64, seed=4).to(DEVICE, torch.bfloat16)
     _assert_same(routing_kernel.route(half, cfg), routing.route(half, cfg))
 
@@ -148,7 +152,12 @@ def test_patched_model_with_the_kernel_matches_the_reference():
     torch.testing.assert_close(out["triton"], out["torch"], rtol=1e-5, atol=1e-5)
     for key in ("mean_experts_per_token", "per_layer_mean", "k_histogram", "tokens"):
         assert summaries["triton"][key] == summaries["torch"][key], key
-    assert summaries["triton"]["diagnostics"]["per_layer"] == pytest.approx(summaries["torch"]["diagnostics"]["per_layer"])
+    got, want = (summaries[k]["diagnostics"]["per_layer"] for k in ("triton", "torch"))
+    assert len(got) == len(want)
+    for layer, (g, w) in enumerate(zip(got, want)):  # pytest.approx takes no nested data (pytest 9)
+        assert g.keys() == w.keys()
+        for key in w:
+            assert g[key] == pytest.approx(w[key]), (layer, key)
 
 
 def test_router_kernel_argument_errors():
@@ -161,6 +170,34 @@ def test_router_kernel_argument_errors():
     with pytest.raises(RoutingError, match="router_kernel=triton computes pvalue=zscore or calibrated"):
         check_kernel("triton", None, RoutingConfig(selection="hc"))
 
+
+def test_triton_kernel_where_it_cannot_run_is_an_error_not_the_reference(monkeypatch, tiny_model_dir):
+    """router_kernel=triton insists: routers on a CPU (without Triton's interpreter) are one line at patch
+    time, and through lm-eval before the weights load; router inputs the kernel does not take, at the forward."""
+    from lm_eval.api.registry import get_model
+
+    import lm_eval_bh.lm  # noqa: F401  (registers olmoe_bh)
+
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    grouped = DeepseekV3ForCausalLM(DeepseekV3Config(  # a router that limits each token to 2 of 4 expert groups
+        vocab_size=128, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16, num_experts_per_tok=4, n_group=4,
+        topk_group=2, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=64, pad_token_id=0,
+    )).eval().to(DEVICE)
+    with BHRouting(alpha=0.2, min_k=1, max_k=4, kernel="triton").patch(grouped):
+        with pytest.raises(RoutingError, match=r"^router_kernel=triton cannot route a group-limited router's "
+                                               r"expert mask; use router_kernel=auto$"):
+            grouped(torch.tensor([[5, 6, 7]], device=DEVICE))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU as a user has it
+    cpu = "router_kernel=triton runs on CUDA GPUs; the routers run on cpu (use router_kernel=auto or torch)"
+    with pytest.raises(RoutingError, match=f"^{re.escape(cpu)}$"):
+        BHRouting(alpha=0.2, min_k=1, max_k=8, kernel="triton").patch(make_olmoe())
+    with pytest.raises(RoutingError, match=f"^{re.escape(cpu)}$"):
+        get_model("olmoe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},router_kernel=triton,alpha=0.2",
+                                                     {"device": "cpu"})
 
 
 def test_warm_up_compiles_in_the_background_and_route_waits_for_it():

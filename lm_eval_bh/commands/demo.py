@@ -22,6 +22,8 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import logging
+import math
 import os
 import shlex
 import subprocess
@@ -103,6 +105,8 @@ def run(args) -> int:
     for k, v in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, v)
 
+    if not args.verbose:
+        logging.getLogger("lm_eval.api.task").addFilter(_NoMetadataHint())
     t0 = time.time()
     model_dir = _build(args.model)
     sweep_dir = out / "sweep"
@@ -118,12 +122,34 @@ def run(args) -> int:
         _check_agreement(rep, top_k)
     scope = "all examples" if limit is None else f"--limit {limit}: the first {limit} examples of each task"
     print(f"demo: model {args.model} ({model_dir}); {scope}; {time.time() - t0:.0f}s in all")
+    if limit is not None:
+        print(noise_caveat(limit))
     if args.model in UNTRAINED:
         print(f"demo: the {args.model} model has random weights: its accuracies are chance-level and their "
               "differences are noise; it shows the plumbing and the cost accounting only (use --model real)")
     print(f"demo: results under {out}/ (report.md, pareto.png); redo the table with: "
           f"lm-eval-bh report {out}")
     return 0 if stock else 1
+
+
+def noise_caveat(limit: str) -> str:
+    """What a --limit leaves of the accuracies: a binomial standard error of up to 0.5 / sqrt(n) per task."""
+    if float(limit) < 1:  # lm-eval takes this fraction of each task's examples
+        size = f"--limit {limit} takes that fraction of each task's examples"
+    else:
+        n = int(float(limit))
+        size = (f"--limit {limit} leaves at most {n} examples per task: a task's accuracy has a standard error "
+                f"of up to {0.5 / math.sqrt(n):.2f} (binomial, 0.5/sqrt({n}))")
+    return (f"demo: {size}; differences within about two standard errors (the ± se columns) are noise; "
+            "--limit none evaluates every example")
+
+
+class _NoMetadataHint(logging.Filter):
+    """Drops lm-eval's advice to pass `--metadata` to a task built by a Python function: the offline task
+    pack's functions take none, and a newcomer would read it as something to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed to `--metadata`" not in record.getMessage()
 
 
 def _build(name: str) -> Path:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 
-from ..embedded import MODELS, cached_dir, is_built, model_dir
+from ..embedded import MODELS, cached_dir, is_built, missing, model_dir
 
 
 def add_arguments(parser) -> None:
@@ -17,7 +17,11 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.path is None:
         for name, what in MODELS.items():
-            state = f"built: {cached_dir(name)}" if is_built(name) else "not built yet"
+            if is_built(name):
+                state = f"built: {cached_dir(name)}"
+            else:  # what building it needs, only where that is not installed
+                needs = missing(name)
+                state = "not built yet" + (f"; needs: {needs}" if needs else "")
             print(f"{name:5s} {what} [{state}]")
         return 0
     built = is_built(args.path)
