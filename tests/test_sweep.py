@@ -39,8 +39,8 @@ def _sweep_cmd(model: Path, out: Path, *extra: str, tasks=TASKS, limit="3") -> l
             "--bootstrap_iters", "0", "--output_path", str(out), *extra]
 
 
-def _run(cmd, timeout=240, **kw):
-    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+def _run(cmd, timeout=240, env=None, **kw):
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
@@ -416,3 +416,46 @@ def test_unusable_folder_device_files_or_launcher_are_one_line(tmp_path, capsys,
     lines = [ln for ln in err.splitlines() if "error" in ln]
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert named in lines[0] and lines[0].startswith("lm-eval-bh sweep: error: ")
+
+
+def test_calibration_auto_or_a_text_file_is_fitted_per_setting_and_recorded(tmp_path):
+    """--calibration auto and a text file, as lm-eval's calibration= model_arg: each setting that needs a null
+    takes it, fits it at load (a text file: a real sweep, its provenance in the results), and its identity
+    records what the null is fitted on (the documents' hash), so an edited text is another evaluation."""
+    from lm_eval_bh.corpus import CORPUS, builtin_texts, corpus_hash
+
+    grid = dict(S.build_grid(_args(pvalues="zscore,calibrated", alphas="0.2", topk="none", calibration="auto"),
+                             top_k=4, num_experts=16, base_routing={}))
+    auto = next(sid for sid in grid if sid.startswith("bh-calibrated_a0.2_k1-4_cal-auto-"))
+    assert grid[auto]["calibration"] == "auto" and "calibration" not in grid["bh-zscore_a0.2_k1-4"]
+    routing = I.setting_identity({}, grid[auto])["routing"]
+    assert routing["calibration_corpus"] == CORPUS["name"]
+    assert routing["calibration_corpus_sha256"] == corpus_hash(builtin_texts())
+    S.check_calibration("auto")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(UsageError, match="--calibration: .*empty.txt holds no text"):
+        S.check_calibration(str(tmp_path / "empty.txt"))
+
+    text = tmp_path / "notes.txt"
+    text.write_text("\n\n".join(f"Paragraph {i}: the router picks a few experts for each token it sees, "
+                                "and a null fitted on plain text says how large an unremarkable logit is." for i in range(6)))
+    out = tmp_path / "sweep"
+    env = {"LM_EVAL_BH_CACHE": str(tmp_path / "cache")}  # fitted here, not read from another run's cache
+    p = _run(_sweep_cmd(tiny_model(), out, "--pvalues", "calibrated", "--calibration", str(text), "--alphas", "0.2",
+                        "--topk", "none", tasks="mmlu_dev_offline", limit="1"), env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    (f,) = out.glob("*.json")
+    assert f.stem.startswith("bh-calibrated_a0.2_k1-4_cal-notes-")
+    data = json.loads(f.read_text())
+    prov = data["config"]["routing"]["calibration"]
+    assert prov["source"] == "text" and prov["status"] == "fitted" and prov["under"] == "routing"
+    recorded = data["sweep"]["identity"]["routing"]
+    assert recorded["calibration"] == str(text) and recorded["calibration_corpus"] == "notes.txt"
+    assert recorded["calibration_corpus_sha256"] == prov["corpus_sha256"]
+    text.write_text(text.read_text() + "\n\nOne more paragraph.")
+    grid = S.build_grid(_args(pvalues="calibrated", alphas="0.2", topk="none", calibration=str(text)),
+                        top_k=4, num_experts=16, base_routing={})
+    assert [sid for sid, _ in grid] == [f.stem]  # the same setting, another evaluation of it
+    assert I.identity_diff(recorded, I.setting_identity({}, grid[0][1])["routing"]) == [
+        f"calibration_corpus_sha256: {recorded['calibration_corpus_sha256'][:12]}… -> "
+        f"{I.setting_identity({}, grid[0][1])['routing']['calibration_corpus_sha256'][:12]}…"]

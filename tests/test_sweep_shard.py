@@ -87,7 +87,11 @@ def test_target_ks_and_twins_grids(tiny_model_dir, capsys):
     assert [sid for sid in ids[2::2]] == [f"{rule}_K{k}_k1-4" for rule in ("bh-zscore", "hc-zscore", "topp")
                                            for k in ("1.5", "2", "3")]
     for i in range(2, len(ids), 2):
-        assert ids[i + 1].startswith("topk") and ids[i + 1].endswith(f"lb-{ids[i]}")
+        assert ids[i + 1].startswith(f"topk_twin-{ids[i]}-")  # named by the file it reads, in any folder
+    elsewhere = [sid for sid, _ in S.build_grid(_args("--target_ks", "1.5,2,3", "--selections", "bh,hc,topp",
+                                                      "--topk", "1,4", "--twins"), top_k=4, num_experts=16,
+                                                base_routing={}, out=Path("/some/other/folder"))]
+    assert elsewhere == ids
     grid = dict(S.build_grid(_args("--target_ks", "1.5,2,3", "--selections", "bh,hc,topp", "--topk", "none"),
                              top_k=4, num_experts=16, base_routing={}))
     assert sorted(r["target_k"] for r in grid.values()) == [1.5, 1.5, 1.5, 2, 2, 2, 3, 3, 3]

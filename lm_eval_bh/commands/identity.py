@@ -266,12 +266,29 @@ def evaluation_identity(pretrained: str, model_args: dict, tasks: list[str], lim
     }
 
 
+def calibration_identity(value: str) -> dict:
+    """What decides a setting's null: a calibration file's content; for ``auto`` (the built-in corpus) and
+    a text file, the documents fitted on (`corpus_hash`, as the fit's cache keys on them). The fit's own
+    parameters (tokens, routing) are the lm-eval-bh version's and the setting's."""
+    from lm_eval_bh.calibration import source_kind
+
+    kind = source_kind(value)
+    if kind == "file":
+        return {"calibration_sha256": sha256_file(Path(value))}
+    from lm_eval_bh.corpus import CORPUS, builtin_texts, corpus_hash, read_texts
+
+    texts = builtin_texts() if kind == "auto" else read_texts(value)
+    corpus = CORPUS["name"] if kind == "auto" else Path(value).name
+    return {"calibration_corpus": corpus, "calibration_corpus_sha256": corpus_hash(texts)}
+
+
 def setting_identity(evaluation: dict, routing: dict) -> dict:
     """The identity of one setting's results, as stored (JSON round trip: tuples become lists). A
-    calibration is recorded by its content; a layer budget by the results file it is read from."""
+    calibration is recorded by what it is read or fitted from (`calibration_identity`); a layer budget
+    by the results file it is read from."""
     r = dict(routing)
     if r.get("calibration"):
-        r["calibration_sha256"] = sha256_file(Path(r["calibration"]))
+        r.update(calibration_identity(r["calibration"]))
     if r.get("layer_budget"):
         r["layer_budget"] = Path(r["layer_budget"]).name  # a setting of the same folder
     return json.loads(json.dumps({**evaluation, "routing": r}))

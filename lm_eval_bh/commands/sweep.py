@@ -36,7 +36,7 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UsageError
@@ -75,9 +75,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--twins", action="store_true",
                         help="after each adaptive setting, its layer-budget twin: fixed top-k with that setting's "
                              "per-layer mean k (layer_budget=<its results file>)")
-    parser.add_argument("--calibration", default=None, metavar="FILE",
-                        help="calibration file from `lm-eval-bh calibrate`, for every setting that needs a null "
-                             "(--pvalues calibrated or ecdf, --selections lfdr; any path)")
+    parser.add_argument("--calibration", default=None, metavar="auto|FILE",
+                        help="the null of every setting that needs one (--pvalues calibrated or ecdf, --selections "
+                             "lfdr), as lm-eval's calibration= model_arg: auto (fitted at load on the built-in "
+                             "corpus under each setting's routing, cached), a text file to fit on (.txt, .text, .md, "
+                             ".jsonl), or a calibration file from `lm-eval-bh calibrate` (any path)")
     parser.add_argument("--min_k", default="1", help="minimum experts per token (default 1)")
     parser.add_argument("--max_k", default=None, help="maximum experts per token (default: the model's top_k)")
     parser.add_argument("--topk", default=None,
@@ -145,30 +147,27 @@ def parse_model_args(text: str) -> dict:
     return out
 
 
-def _routing_fields() -> set[str]:
+def routing_config(routing: dict):
+    """The `RoutingConfig` of a grid setting, checked before any weights load (one line naming the setting).
+    A layer-budget twin reads a results file that exists only once its source setting has run: it is
+    checked without it and then holds the file's name, so its id is the same in any folder."""
     from lm_eval_bh.config import RoutingConfig
+    from lm_eval_bh.errors import RoutingError
 
-    return {f.name for f in fields(RoutingConfig)}
+    budget = routing.get("layer_budget")
+    try:
+        cfg = RoutingConfig(**{**routing, "layer_budget": None})
+    except (RoutingError, TypeError) as e:
+        raise UsageError(f"grid setting {routing}: {e}") from None
+    if budget is not None:
+        object.__setattr__(cfg, "layer_budget", Path(budget).name)  # as RoutingConfig keeps it, unread
+    return cfg
 
 
 def setting_id(routing: dict) -> str:
-    """File-name-safe id of a setting, naming only the parameters that change its routing
-    (`RoutingConfig.setting_id`), e.g. 'topk8', 'bh-zscore_a0.05_k1-8', 'topp_p0.9_k1-8'. Until this
-    installation's RoutingConfig takes them, a target_k replaces the rule's parameter ('bh-zscore_K2_k1-8')
-    and a layer budget names the setting it reads ('topk_lb-bh-zscore_a0.05_k1-8')."""
-    from lm_eval_bh.config import RoutingConfig, _num
-    from lm_eval_bh.routing import SELECTIONS
-
-    known = _routing_fields()
-    cfg = RoutingConfig(**{k: v for k, v in routing.items() if k in known})
-    sid = cfg.setting_id()
-    if "target_k" in routing and "target_k" not in known:
-        for name in SELECTIONS[cfg.selection].params:
-            token = {"alpha": "a", "top_p": "p"}.get(name, name) + _num(getattr(cfg, name))
-            sid = sid.replace(f"_{token}", f"_K{_num(float(routing['target_k']))}", 1)
-    if "layer_budget" in routing and "layer_budget" not in known:
-        sid += f"_lb-{Path(routing['layer_budget']).stem}"
-    return re.sub(r"[^A-Za-z0-9._-]", "_", sid)
+    """File-name-safe id of a setting (`RoutingConfig.setting_id`), naming only the parameters that change
+    its routing, e.g. 'topk4', 'bh-zscore_a0.05_k1-4', 'bh-zscore_K2_k1-4', 'topk_twin-bh-zscore_K2_k1-4-<hash>'."""
+    return routing_config(routing).setting_id()
 
 
 def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path = Path(".")) -> list[tuple[str, dict]]:
@@ -220,24 +219,17 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
     users = ", ".join([f"--pvalues {n}" for n, s in PVALUES.items() if s.needs_null]
                       + [f"--selections {n}" for n, s in SELECTIONS.items() if s.needs_null])
     if needs_null and not args.calibration:
-        raise UsageError(f"--calibration: {users} need(s) a calibration file (from `lm-eval-bh calibrate`); "
-                         "give --calibration FILE")
+        raise UsageError(f"--calibration: {users} need(s) a null; give --calibration auto (fitted at load on the "
+                         "built-in corpus), a text file to fit on, or a file from `lm-eval-bh calibrate`")
     if args.calibration and not needs_null:
         raise UsageError(f"--calibration is only used with {users}")
     if not grid:
         raise UsageError("--topk/--alphas: the grid is empty; give at least one setting")
     # validate every setting before any weights load; keep one setting per distinct effect
-    from lm_eval_bh.config import RoutingConfig
-    from lm_eval_bh.errors import RoutingError
-
-    known = _routing_fields()
     out_grid, seen = [], set()
     for r in grid:
-        try:
-            cfg = RoutingConfig(**{k: v for k, v in r.items() if k in known})
-        except (RoutingError, TypeError) as e:
-            raise UsageError(f"grid setting {r}: {e}") from None
-        sid = setting_id(r)
+        cfg = routing_config(r)
+        sid = cfg.setting_id()
         if sid in seen:
             continue
         seen.add(sid)
@@ -246,12 +238,6 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
             twin = {**base_routing, "selection": "topk", "layer_budget": str(out / f"{sid}.json")}
             out_grid.append((setting_id(twin), twin))
     return out_grid
-
-
-def unknown_grid_keys(grid) -> list[str]:
-    """The grid keys of `grid` this installation's routing does not take yet (target_k, layer_budget)."""
-    known = _routing_fields()
-    return sorted({k for _, r in grid for k in r if k not in known})
 
 
 # --------------------------------------------------------------------------- shards
@@ -466,13 +452,34 @@ def read_flags(args) -> Plan:
         raise UsageError(f"--batch_size: '{bs}' is not allowed; allowed: a positive integer, auto or auto:N")
     if args.include_path is not None and not Path(args.include_path).is_dir():
         raise UsageError(f"--include_path: {args.include_path} is not a folder")
-    if args.calibration is not None and not Path(args.calibration).is_file():
-        raise UsageError(f"--calibration: {args.calibration} is not a file")
+    if args.calibration is not None:
+        check_calibration(args.calibration)
     check_device(args.device)
     base_routing = {k: model_args.pop(k) for k in list(model_args) if k in ROUTING_ARGS}
     pretrained = str(model_args.get("pretrained", DEFAULT_PRETRAINED))
     return Plan(out, tasks, limit, num_fewshot, bootstrap_iters, bs, pretrained, model_args, base_routing,
                 chat_flags(args), shard)
+
+
+def check_calibration(value: str) -> None:
+    """--calibration: auto, or an existing file; a text file to fit on holds documents (read here, so a
+    malformed one is one line before any weights load)."""
+    from lm_eval_bh.calibration import source_kind
+    from lm_eval_bh.corpus import read_texts
+
+    allowed = ("allowed: auto, a text file to fit on (.txt, .text, .md, .jsonl) or a file from "
+               "`lm-eval-bh calibrate`")
+    if value == "auto":
+        return
+    if not Path(value).is_file():
+        raise UsageError(f"--calibration: {value} is not a file; {allowed}")
+    if source_kind(value) == "text":
+        try:
+            texts = read_texts(value)
+        except UsageError as e:
+            raise UsageError(f"--calibration: {e}") from None
+        if not texts:
+            raise UsageError(f"--calibration: {value} holds no text; {allowed}")
 
 
 def check_single_process() -> None:
@@ -597,10 +604,6 @@ def plan_grid(plan: Plan, args):
     else:
         config, num_experts, top_k = shape
     grid = build_grid(args, top_k, num_experts, plan.base_routing, plan.out)
-    unknown = unknown_grid_keys(grid)
-    if unknown:
-        raise UsageError(f"--target_ks/--twins: this lm-eval-bh's routing does not take {', '.join(unknown)} yet; "
-                         "`sweep --list` shows the grid")
     shards = assign_shards(grid, plan.shard[1], top_k)
     plan.grid = [(sid, r) for sid, r in grid if shards[sid] == plan.shard[0]]
     plan.model_name = lm_eval_model_name(config)

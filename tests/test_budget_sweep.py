@@ -1,0 +1,67 @@
+"""sweep --target_ks --twins end to end on the tiny model: each target setting fitted at load and recorded
+(found alpha, calibration k within 2 % of K, achieved k), each twin meeting its source's per-layer means,
+and the report's twin split and matched-target comparison on the folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, subprocess_env
+
+from lm_eval_bh.cli import main
+
+TARGETS = (1.5, 2.0)
+
+
+def test_target_ks_with_twins_sweep_and_report(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args",
+           f"pretrained={tiny_model_dir},dtype=float32,fit_tokens=256", "--tasks", "mmlu_dev_offline",
+           "--include_path", str(ROOT / "tasks"), "--limit", "4", "--device", "cpu", "--bootstrap_iters", "0",
+           "--target_ks", ",".join(f"{k:g}" for k in TARGETS), "--twins", "--selections", "bh", "--pvalues", "zscore",
+           "--topk", "1,2", "--output_path", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}
+    sources = {k: f"bh-zscore_K{k:g}_k1-4" for k in TARGETS}
+    twins = {k: next(s for s in files if s.startswith(f"topk_twin-{sources[k]}-")) for k in TARGETS}
+    assert set(files) == {"topk1", "topk2", *sources.values(), *twins.values()}
+
+    for k in TARGETS:
+        block = files[sources[k]]["config"]["routing"]
+        budget = block["budget"]
+        assert block["settings"]["target_k"] == k and budget["target_k"] == k and budget["knob"] == "alpha"
+        assert 0 < budget["value"] < 1 and block["settings"]["alpha"] == budget["value"]  # the found alpha routes
+        assert abs(budget["calibration_k"] - k) <= 0.02 * k, budget
+        assert budget["achieved_k"] == block["mean_experts_per_token"] and budget["achieved_k"] >= 1
+        twin = files[twins[k]]["config"]["routing"]
+        assert twin["settings"]["layer_budget"] == str(out / f"{sources[k]}.json") and twin.get("budget") is None
+        assert twin["tokens"] == block["tokens"]
+        for mine, theirs in zip(twin["per_layer_mean"], block["per_layer_mean"], strict=True):
+            assert abs(mine - theirs) <= 0.02, (twin["per_layer_mean"], block["per_layer_mean"])
+
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = {r["setting"]: r for r in _table(text, "## Task average per setting")}
+    for k in TARGETS:  # each target setting beside its twin, its Δ split into allocation and adaptivity
+        row = summary[f"bh/zscore target_k={k:g} k=1..4"]
+        assert row["layer-budget twin"] == f"olmoe_bh layer-k layer_budget={sources[k]}.json"
+        assert row["allocation: twin vs top-k ± se"] and row["adaptivity: setting vs twin ± se"]
+    matched = {float(r["target k"]): r for r in _table(text, "at matched target k (target_k)")}
+    assert sorted(matched) == list(TARGETS)
+    assert matched[2.0]["top-k acc @ k = target"] and matched[2.0]["Δ ± se"]  # against top-2 at exactly k = 2
+    assert not matched[1.5]["Δ ± se"]  # no stock top-k runs 1.5 experts
+
+
+def _table(text: str, after: str) -> list[dict]:
+    """The rows of the first Markdown table after the line holding `after`, as {column: cell}."""
+    table = []
+    for line in text.split(after, 1)[1].splitlines():
+        if line.startswith("|"):
+            table.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif table:
+            break
+    header, _, *rows = table
+    return [dict(zip(header, row, strict=True)) for row in rows]
