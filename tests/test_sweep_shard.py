@@ -92,6 +92,12 @@ def test_target_ks_and_twins_grids(tiny_model_dir, capsys):
                                                       "--topk", "1,4", "--twins"), top_k=4, num_experts=16,
                                                 base_routing={}, out=Path("/some/other/folder"))]
     assert elsewhere == ids
+    sens = dict(S.build_grid(_args("--target_ks", "2", "--topk", "1", "--twins"), top_k=4, num_experts=16,
+                             base_routing={"allocation": "sensitivity"}))  # model_args allocation: targets only
+    assert {sid: r.get("allocation") for sid, r in sens.items() if not sid.startswith("topk_twin-")} == {
+        "topk1": None, "bh-zscore_K2_sensitivity_k1-4": "sensitivity"}
+    with pytest.raises(S.UsageError, match="--model_args: allocation .* give --target_ks too"):
+        S.build_grid(_args("--alphas", "0.05"), top_k=4, num_experts=16, base_routing={"allocation": "sensitivity"})
     grid = dict(S.build_grid(_args("--target_ks", "1.5,2,3", "--selections", "bh,hc,topp", "--topk", "none"),
                              top_k=4, num_experts=16, base_routing={}))
     assert sorted(r["target_k"] for r in grid.values()) == [1.5, 1.5, 1.5, 2, 2, 2, 3, 3, 3]

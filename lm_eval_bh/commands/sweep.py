@@ -199,6 +199,11 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
     if args.twins and analyze:
         raise UsageError("--twins: mode=analyze routes the stock top-k, so its settings have no layer-budget twin")
 
+    # allocation (model_args) spreads each target's budget over the layers: the target_k settings' alone
+    allocation = {k: v for k, v in base_routing.items() if k == "allocation"}
+    base_routing = {k: v for k, v in base_routing.items() if k != "allocation"}
+    if allocation and target_ks is None:
+        raise UsageError("--model_args: allocation spreads a target mean k over the layers; give --target_ks too")
     grid: list[dict] = [{**base_routing, "min_k": k, "max_k": k} for k in topks]
     needs_null = False
     for sel in selections:
@@ -210,7 +215,7 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
             common = {**base_routing, "selection": sel, "pvalue": pv, "min_k": min_k, "max_k": max_k,
                       **({"calibration": args.calibration} if null and args.calibration else {})}
             if target_ks is not None and SELECTIONS[sel].params:
-                grid.extend({**common, "target_k": k} for k in target_ks)
+                grid.extend({**common, "target_k": k, **allocation} for k in target_ks)
             elif "top_p" in SELECTIONS[sel].params:
                 for p in _floats("--top_ps", args.top_ps, 0.0, 1.0, "numbers strictly between 0 and 1"):
                     grid.append({**common, "top_p": p})
