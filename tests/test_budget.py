@@ -10,6 +10,7 @@ from conftest import make_olmoe
 
 from lm_eval_bh import budget, routing
 from lm_eval_bh.config import RoutingConfig
+from lm_eval_bh.corpus import CORPUS
 from lm_eval_bh.errors import RoutingError
 from lm_eval_bh.patch import BHRouting
 from lm_eval_bh.routing import Knob
@@ -265,7 +266,7 @@ def test_target_k_and_its_twin_through_lm_eval(tiny_model_dir, task_manager, tmp
     assert block["settings"]["target_k"] == 2.0 and fit["knob"] == "alpha"
     assert block["settings"]["alpha"] == fit["value"] != 0.05
     assert abs(fit["calibration_k"] - 2.0) <= 0.04 and block["settings"]["fitted_k"] == fit["calibration_k"]
-    assert fit["achieved_k"] == block["mean_experts_per_token"] and fit["corpus"] == "pydoc-topics-even"
+    assert fit["achieved_k"] == block["mean_experts_per_token"] and fit["corpus"] == CORPUS["name"]
     from lm_eval_bh.results_schema import RoutingBlock
 
     assert RoutingBlock.from_dict(block).to_dict() == block
