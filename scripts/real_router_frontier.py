@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from lm_eval_bh import real, real_router as rr
 
-TARGETS = (1 / 16, 0.08, 0.10, 0.125, 0.14, 0.2)
+TARGETS = (0.08, 0.10, 0.125, 0.14, 0.2)  # 1/16 would be tau = 0: all ties, not real's ranking
 
 
 @torch.no_grad()
