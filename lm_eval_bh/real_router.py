@@ -171,7 +171,7 @@ def router_stats(moe, chunks: torch.Tensor) -> list[dict]:
         lambda m, a, out, i=i: probs[i].append(out[0].float().softmax(-1))) for i, layer in enumerate(moe.model.layers)]
     try:
         for row in chunks.split(4):
-            moe(input_ids=row)
+            moe.model(input_ids=row)  # the routers only: no lm head
     finally:
         for h in hooks:
             h.remove()
