@@ -1,7 +1,8 @@
 """The embedded models: checkpoints built on the user's machine, offline, and cached.
 
-``tiny`` (random-weight OLMoE, for tests and plumbing) and ``real`` (a Qwen2-MoE made from the real
-weights of SmolLM2-135M-Instruct by MoEfication).  ``model_dir(name)`` builds a model on first use and
+``tiny`` (random-weight OLMoE, for tests and plumbing), ``real`` (a Qwen2-MoE made from the real
+weights of SmolLM2-135M-Instruct by MoEfication, uniform router) and ``real-router`` (``real`` with a
+fitted, non-uniform softmax router).  ``model_dir(name)`` builds a model on first use and
 returns its folder; ``cached_dir(name)`` says where it is or would be, without building.
 """
 
@@ -15,7 +16,10 @@ MODELS = {
     "tiny": "random-weight OLMoE (2 layers, 16 experts, top-4, 0.76 M parameters): plumbing and tests; "
             "chance-level accuracy",
     "real": "Qwen2-MoE (30 layers, 16 experts + shared, top-4) MoEfied from SmolLM2-135M-Instruct's real weights",
+    "real-router": "`real` with a genuine softmax router (fitted by layer-wise distillation, shipped in the wheel): "
+                   "for rules that read router probabilities; builds `real` first",
 }
+REAL_LIKE = {"real", "real-router"}
 UNTRAINED = {"tiny"}
 
 
@@ -31,6 +35,10 @@ def cached_dir(name: str) -> Path:
         from .tiny import default_tiny_model_dir
 
         return default_tiny_model_dir()
+    if name == "real-router":
+        from .real_router import default_real_router_dir
+
+        return default_real_router_dir()
     from .real import default_real_dir
 
     return default_real_dir()
@@ -38,13 +46,13 @@ def cached_dir(name: str) -> Path:
 
 def is_built(name: str) -> bool:
     d = cached_dir(name)
-    return (d / "config.json").is_file() and (name != "real" or (d / "lm_eval_bh_real.json").is_file())
+    return (d / "config.json").is_file() and (name not in REAL_LIKE or (d / "lm_eval_bh_real.json").is_file())
 
 
 def missing(name: str) -> str | None:
     """The install command that building the model still needs here; None when it is built or buildable."""
-    if _check(name) == "tiny" or is_built(name):
-        return None
+    if _check(name) == "tiny" or is_built(name) or (name == "real-router" and is_built("real")):
+        return None  # real-router builds from the cached `real`
     from .real import INSTALL_HINT, find_gguf
 
     try:
@@ -60,6 +68,10 @@ def model_dir(name: str, progress: bool = True) -> Path:
         from .tiny import ensure_tiny_olmoe
 
         return Path(ensure_tiny_olmoe())
+    if name == "real-router":
+        from .real_router import ensure_real_router
+
+        return ensure_real_router(progress=progress)
     from .real import ensure_real
 
     return ensure_real(progress=progress)

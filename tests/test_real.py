@@ -169,7 +169,7 @@ def test_models_command_lists_and_prints_paths(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LM_EVAL_BH_CACHE", str(tmp_path))
     assert main(["models"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["tiny", "real"] and all("not built yet" in x for x in lines)
+    assert [line.split()[0] for line in lines] == ["tiny", "real", "real-router"] and all("not built yet" in x for x in lines)
     root = Path(__file__).resolve().parents[1]
     p = subprocess.run([sys.executable, "-m", "lm_eval_bh.cli", "models", "--path", "tiny"], cwd=root,
                        env=subprocess_env(), capture_output=True, text=True, timeout=120)
@@ -177,7 +177,7 @@ def test_models_command_lists_and_prints_paths(tmp_path, monkeypatch, capsys):
     folder = Path(p.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and (folder / "config.json").is_file()
     assert main(["models", "--path", "huge"]) == 2
-    assert "unknown embedded model 'huge'; allowed: tiny, real" in capsys.readouterr().err
+    assert "unknown embedded model 'huge'; allowed: tiny, real, real-router" in capsys.readouterr().err
     assert os.listdir(tmp_path) == [folder.name]
     assert main(["models"]) == 0 and f"built: {folder}" in capsys.readouterr().out
 

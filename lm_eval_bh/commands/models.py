@@ -22,7 +22,7 @@ def run(args) -> int:
             else:  # what building it needs, only where that is not installed
                 needs = missing(name)
                 state = "not built yet" + (f"; needs: {needs}" if needs else "")
-            print(f"{name:5s} {what} [{state}]")
+            print(f"{name:11s} {what} [{state}]")
         return 0
     built = is_built(args.path)
     t0 = time.time()

@@ -1,0 +1,245 @@
+"""``real-router``: the ``real`` MoE with a genuine softmax router, fitted by layer-wise distillation.
+
+``real`` (lm_eval_bh.real) stores its router logits at a scale of 1e-5, so its softmax is uniform and every
+expert is multiplied by E: exact with all experts, but nothing that reads router probabilities
+(``pvalue=softmax``, ``selection=topp``, entropy or skipping rules) can be studied on it.  ``real-router``
+is the same checkpoint (attention, shared expert, the same 16 neuron groups as experts, Qwen2-MoE with
+``norm_topk_prob=False``) with two things changed per layer, both fitted against the dense model's MLP
+output on real.py's calibration chunks:
+
+1. the router logits: real's ridge router (its direction: which experts' outputs are large) at a fitted
+   temperature ``tau``, the smallest that makes the softmax clearly non-uniform (median top-1 probability
+   ``TARGET_TOP1`` >= 2/E on the calibration tokens);
+2. one output scale ``s_e`` per expert (its down projection is d_e * s_e instead of real's d_e * E),
+   fitted by least squares so that the stock combination sum over the top-k of p_e * s_e * expert_e(x)
+   approximates the dense MLP's sum of all experts, jointly for k in ``FIT_KS``.
+
+Why this family.  With ``norm_topk_prob=False`` an expert's weight p_e * s_e does not depend on k, so top-k
+is a truncation of the all-experts sum and one set of scales serves every k; renormalising over the top k
+(``norm_topk_prob=True``) changes every weight with k (about E/k), which no fixed scale fits (its
+layer-wise errors are in the asset's ``layer_errors``).  The sigmoid-scored families (DeepSeek-V3, GLM-4-MoE)
+size their shared expert as a multiple of one routed expert (80 neurons), which ``real``'s 256-neuron
+shared expert is not, and DeepSeek-V3's attention is MLA: the two models would differ outside the router.
+
+Limit (measured, see docs/real-router.md): the dense MLP is the *unweighted* sum of the experts, so any
+token-dependent, non-uniform weighting moves the all-experts output away from it; the fit trades the two.
+
+The fitted parameters (30 temperatures, 30 x 16 scales) ship in ``assets/real_router.json``, written by
+``scripts/fit_real_router.py``; building applies them to the cached ``real`` checkpoint (seconds once
+``real`` is built).  ``ensure_real_router()`` caches the result like ``real``; ``python -m
+lm_eval_bh.real_router`` prints its folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import real
+from .errors import UsageError
+
+BUILD_VERSION = "router-v1"  # part of the cache key: bump when the construction changes
+TARGET_TOP1 = 0.14            # median top-1 softmax probability per layer (>= 2/E = 0.125 with a margin)
+FIT_KS = (4, 8, 16)           # the top-k values the output scales are fitted for, equally weighted
+ASSET = Path(__file__).with_name("assets") / "real_router.json"
+
+
+# ----------------------------------------------------------------------------- the fit (one layer)
+@torch.no_grad()
+def expert_outputs(block, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, E, hidden): each routed expert of ``real``'s block at weight 1 (real stores d_e * E)."""
+    E = block.experts.gate_up_proj.shape[0]
+    h = torch.einsum("nh,eih->nei", x, block.experts.gate_up_proj)
+    g, u = h.chunk(2, dim=-1)
+    return torch.einsum("nei,ehi->neh", torch.nn.functional.silu(g) * u, block.experts.down_proj) / E
+
+
+def topk_mask(p: torch.Tensor, k: int) -> torch.Tensor:
+    """1 on each token's k most probable experts (torch.topk, as the stock router), else 0."""
+    return torch.zeros_like(p).scatter_(1, p.topk(k, dim=-1).indices, 1.0)
+
+
+def relative_errors(gram: torch.Tensor, weights: torch.Tensor, probs: torch.Tensor, ks, norm: float,
+                    renormalize: bool = False) -> dict:
+    """{k: E||sum_{top-k} w_e o_e - sum_e o_e||^2 / E||dense MLP output||^2}, from per-token Gram matrices."""
+    out = {}
+    for k in ks:
+        q = probs * topk_mask(probs, k)
+        if renormalize:
+            q = q / q.sum(-1, keepdim=True)
+        c = q * weights - 1
+        out[k] = float(torch.einsum("ne,nef,nf->n", c, gram, c).mean() / norm)
+    return out
+
+
+def temperature_for(base: torch.Tensor, target_top1: float) -> float:
+    """The smallest tau with median max softmax(tau * base) >= target_top1 (bisection; monotone in tau)."""
+    def top1(tau):
+        return float((tau * base).softmax(-1).max(-1).values.median())
+
+    lo, hi = 0.0, 1.0
+    while top1(hi) < target_top1:
+        lo, hi = hi, hi * 2
+        if hi > 1e4:
+            raise RuntimeError("router logits too flat to reach the target top-1 probability")
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if top1(mid) < target_top1 else (lo, mid)
+    return hi
+
+
+def fit_scales(gram: torch.Tensor, probs: torch.Tensor, ks=FIT_KS, renormalize: bool = False) -> torch.Tensor:
+    """Per-expert output scales s minimising sum_k E||sum_{top-k} q_e s_e o_e - sum_e o_e||^2 (normal equations,
+    float64); q = p, or p renormalised over the top k."""
+    E = probs.shape[1]
+    lhs = torch.zeros(E, E, dtype=torch.float64)
+    rhs = torch.zeros(E, dtype=torch.float64)
+    for k in ks:
+        q = probs * topk_mask(probs, k)
+        if renormalize:
+            q = q / q.sum(-1, keepdim=True)
+        q, g = q.double(), gram.double()
+        lhs += torch.einsum("ne,nef,nf->ef", q, g, q)
+        rhs += torch.einsum("ne,nef->e", q, g)
+    return torch.linalg.solve(lhs, rhs)
+
+
+@torch.no_grad()
+def fit_layer(block, x: torch.Tensor, target_top1: float = TARGET_TOP1) -> dict:
+    """{tau, scales, errors} for one of ``real``'s MoE blocks, from its dense MLP inputs ``x`` (tokens, hidden)."""
+    o = expert_outputs(block, x)
+    gram = torch.einsum("neh,nfh->nef", o, o)
+    shared = torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    norm = float(((o.sum(1) + shared) ** 2).sum(-1).mean())
+    base = x @ (block.gate.weight.double() / real.ROUTER_SCALE).float().T  # real's ridge logits, unit variance
+    tau = temperature_for(base, target_top1)
+    p = (tau * base).softmax(-1)
+    scales = fit_scales(gram, p)
+    E = p.shape[1]
+    errors = {"real (uniform, x E)": relative_errors(gram, torch.full((E,), float(E)), (base * 1e-5).softmax(-1),
+                                                     (1, 2, 4, 8, 16), norm),
+              "softmax": relative_errors(gram, scales.float(), p, (1, 2, 4, 8, 16), norm),
+              "softmax, norm_topk_prob": relative_errors(gram, fit_scales(gram, p, renormalize=True).float(), p,
+                                                         (1, 2, 4, 8, 16), norm, renormalize=True)}
+    return {"tau": tau, "scales": [float(s) for s in scales.float()], "errors": errors}
+
+
+# ----------------------------------------------------------------------------- fit all layers, apply
+def fit_routers(moe, dense, tokenizer, cal_tokens: int = real.CAL_TOKENS, progress: bool = True,
+                target_top1: float = TARGET_TOP1) -> dict:
+    """The fitted parameters of every layer of ``moe`` (a ``real`` checkpoint) against ``dense``."""
+    from tqdm.auto import tqdm
+
+    layers = moe.config.num_hidden_layers
+    xs = real.mlp_inputs(dense, real.calibration_chunks(tokenizer, cal_tokens), layers, progress)
+    fits = [fit_layer(moe.model.layers[i].mlp, xs[i], target_top1)
+            for i in tqdm(range(layers), desc="fitting routers", disable=not progress)]
+    return {"build": BUILD_VERSION, "target_top1": target_top1, "fit_ks": list(FIT_KS),
+            "calibration_tokens": int(real.calibration_chunks(tokenizer, cal_tokens).numel()),
+            "tau": [f["tau"] for f in fits], "scales": [f["scales"] for f in fits],
+            "layer_errors": [f["errors"] for f in fits]}
+
+
+@torch.no_grad()
+def apply_routers(moe, params: dict):
+    """``moe`` (a loaded ``real`` checkpoint) turned into ``real-router`` in place: logits x tau / ROUTER_SCALE,
+    expert e's down projection x s_e / E.  float32 products of fixed numbers: deterministic."""
+    layers = moe.model.layers
+    if len(params["tau"]) != len(layers) or any(len(s) != moe.config.num_experts for s in params["scales"]):
+        raise UsageError(f"router parameters for {len(params['tau'])} layers do not fit this {len(layers)}-layer "
+                         f"real model; refit them with scripts/fit_real_router.py")
+    E = moe.config.num_experts
+    for layer, tau, scales in zip(layers, params["tau"], params["scales"]):
+        block = layer.mlp
+        block.gate.weight.mul_(torch.tensor(tau / real.ROUTER_SCALE, dtype=torch.float32))
+        block.experts.down_proj.mul_(torch.tensor(scales, dtype=torch.float32).div(E)[:, None, None])
+    return moe
+
+
+@torch.no_grad()
+def router_stats(moe, chunks: torch.Tensor) -> list[dict]:
+    """Per layer, on ``chunks``: median top-1 softmax probability and mean entropy (nats) of the router."""
+    probs: list[list[torch.Tensor]] = [[] for _ in moe.model.layers]
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda m, a, out, i=i: probs[i].append(out[0].float().softmax(-1))) for i, layer in enumerate(moe.model.layers)]
+    try:
+        for row in chunks.split(4):
+            moe.model(input_ids=row)  # the routers only: no lm head
+    finally:
+        for h in hooks:
+            h.remove()
+    rows = []
+    for p in (torch.cat(p) for p in probs):
+        rows.append({"median_top1": float(p.max(-1).values.median()),
+                     "mean_entropy": float(-(p * p.clamp_min(torch.finfo(p.dtype).tiny).log()).sum(-1).mean())})
+    return rows
+
+
+# ----------------------------------------------------------------------------- build + cache
+def load_params(path: Path = ASSET) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def build_real_router(out_dir, real_dir, params: dict, progress: bool = True) -> Path:
+    """Write ``real-router`` into ``out_dir``: the ``real`` checkpoint in ``real_dir`` with ``params`` applied."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.time()
+    moe = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).eval()
+    apply_routers(moe, params)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    moe.save_pretrained(str(out))
+    AutoTokenizer.from_pretrained(real_dir).save_pretrained(str(out))
+    record = json.loads((Path(real_dir) / "lm_eval_bh_real.json").read_text())
+    record.update({"build": f"{record['build']}+{BUILD_VERSION}", "router": "softmax, fitted (real_router.py)",
+                   "router_params_sha256": _params_hash(params), "target_top1": params["target_top1"],
+                   "router_build_seconds": round(time.time() - t0, 1)})
+    (out / "lm_eval_bh_real.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def _params_hash(params: dict) -> str:
+    return hashlib.sha256(json.dumps([params["tau"], params["scales"]]).encode()).hexdigest()
+
+
+def default_real_router_dir(params: dict | None = None) -> Path:
+    """``<cache>/real-router-<hash>``: the hash covers ``real``'s cache key and the router parameters."""
+    params = load_params() if params is None else params
+    h = hashlib.sha256(json.dumps([BUILD_VERSION, real.default_real_dir().name, _params_hash(params)]).encode())
+    return real._cache_root() / f"real-router-{h.hexdigest()[:12]}"
+
+
+def ensure_real_router(progress: bool = True) -> Path:
+    """The cached ``real-router`` folder: ``real`` (built once, see lm_eval_bh.real) plus the shipped router."""
+    params = load_params()
+    if params["real_build"] != real.default_real_dir().name:
+        raise UsageError(f"{ASSET.name} was fitted to {params['real_build']}, but this version builds "
+                         f"{real.default_real_dir().name}; refit with scripts/fit_real_router.py")
+    final = default_real_router_dir(params)
+    if (final / "lm_eval_bh_real.json").is_file():
+        return final
+    real_dir = real.ensure_real(progress=progress)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        build_real_router(tmp, real_dir, params, progress=progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "lm_eval_bh_real.json").is_file():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+if __name__ == "__main__":  # `python -m lm_eval_bh.real_router` prints the model's folder, building it once
+    print(ensure_real_router())

@@ -1,0 +1,185 @@
+"""real-router (lm_eval_bh.real_router) on a reduced build with the same code path as the shipped one: the
+first two layers of SmolLM2-135M-Instruct, ``real`` built on 512 calibration tokens, its routers fitted on
+the same tokens.
+
+Checked: fitting and building are deterministic; the model differs from ``real`` only in the router and the
+per-expert output scales; its held-out perplexity at all experts / top-8 / top-4 stays within the bounds
+measured for this reduced build (the issue's targets, 1.15 / 1.5 / 2.5 x dense, are not reachable with
+real's experts: docs/real-router.md); its router is clearly non-uniform (median top-1 probability >= 2/E)
+where ``real``'s is uniform, so a rule that reads probabilities (top-p) picks a variable k on it; the
+fit's two steps solve planted problems exactly; the shipped parameters fit the current ``real`` build;
+it loads through lm-eval as ``moe_bh``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+real = pytest.importorskip("lm_eval_bh.real")
+from lm_eval_bh import real_router  # noqa: E402
+
+LAYERS, CAL = 2, 512
+# held-out perplexity / dense of the 2-layer build: measured 4.65 / 4.96 / 5.16, plus 20 %
+BOUNDS = {16: 5.6, 8: 6.0, 4: 6.2}
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return real.load_dense(real.find_gguf())
+
+
+@pytest.fixture(scope="module")
+def real_dir(dense, tmp_path_factory):
+    return real.build_real(tmp_path_factory.mktemp("real"), layers=LAYERS, cal_tokens=CAL, progress=False,
+                           dense=dense)
+
+
+def _load(folder):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def params(dense, real_dir):
+    return real_router.fit_routers(_load(real_dir), *dense, cal_tokens=CAL, progress=False)
+
+
+@pytest.fixture(scope="module")
+def built(real_dir, params, tmp_path_factory):
+    """real-router written twice from the same real build and parameters."""
+    return [real_router.build_real_router(tmp_path_factory.mktemp(f"rr_{n}"), real_dir, params, progress=False)
+            for n in "ab"]
+
+
+def _heldout(tok, tokens=real.CHUNK):
+    return real.calibration_chunks(tok, tokens, held_out=True)
+
+
+def _ppl(model, chunks, k=None):
+    if k is not None:
+        for layer in model.model.layers:
+            layer.mlp.gate.top_k = k
+    return math.exp(real.heldout_nll(model, chunks))
+
+
+def test_fit_and_build_are_deterministic(dense, real_dir, params, built):
+    again = real_router.fit_routers(_load(real_dir), *dense, cal_tokens=CAL, progress=False)
+    assert again["tau"] == params["tau"] and again["scales"] == params["scales"]
+
+    def digest(folder: Path) -> dict:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
+                if f.suffix in (".safetensors", ".json") and f.name != "lm_eval_bh_real.json"}
+
+    a, b = built
+    assert digest(a) == digest(b) and any(n.endswith(".safetensors") for n in digest(a))
+    rec = json.loads((a / "lm_eval_bh_real.json").read_text())
+    assert rec["build"].endswith(real_router.BUILD_VERSION) and rec["layers"] == LAYERS
+
+
+def test_differs_from_real_only_in_router_and_expert_scales(real_dir, built, params):
+    base, rr = _load(real_dir).state_dict(), _load(built[0]).state_dict()
+    assert base.keys() == rr.keys()
+    changed = sorted(k for k in base if not torch.equal(base[k], rr[k]))
+    assert changed == sorted(f"model.layers.{i}.mlp.{p}" for i in range(LAYERS)
+                             for p in ("gate.weight", "experts.down_proj"))
+    for i in range(LAYERS):
+        ratio = rr[f"model.layers.{i}.mlp.experts.down_proj"] / base[f"model.layers.{i}.mlp.experts.down_proj"]
+        ratio = ratio.flatten(1).nan_to_num(0).max(1).values  # one scale per expert: s_e / E
+        assert torch.allclose(ratio, torch.tensor(params["scales"][i]) / 16, rtol=1e-5)
+
+
+def test_heldout_perplexity_within_bounds(dense, built):
+    model, tok = dense
+    chunks = _heldout(tok)
+    layers = model.model.layers
+    try:
+        model.model.layers = layers[:LAYERS]
+        dense_ppl = _ppl(model, chunks)
+    finally:
+        model.model.layers = layers
+    rr = _load(built[0])
+    ratios = {k: _ppl(rr, chunks, k) / dense_ppl for k in BOUNDS}
+    assert all(ratios[k] <= BOUNDS[k] for k in BOUNDS), ratios
+    assert ratios[4] > ratios[8] > ratios[16] > 1.0  # fewer experts, worse
+
+
+def test_router_is_non_uniform_and_topp_varies(dense, real_dir, built):
+    from lm_eval_bh.patch import BHRouting
+
+    chunks = _heldout(dense[1])
+    rr, base = _load(built[0]), _load(real_dir)
+    for s in real_router.router_stats(rr, chunks):
+        assert s["median_top1"] >= 2 / 16 and s["mean_entropy"] < math.log(16) - 0.1
+    for s in real_router.router_stats(base, chunks):  # real: uniform by construction
+        assert s["median_top1"] < 1 / 16 + 1e-4
+    ks = {}
+    for name, model in (("real", base), ("real-router", rr)):
+        with BHRouting(selection="topp", top_p=0.5, min_k=1, max_k=16).patch(model) as routing:
+            with torch.no_grad():
+                model(input_ids=chunks[:, :128])
+        ks[name] = {int(k) for k in routing.summary()["k_histogram"]}
+    assert ks["real"] == {8}  # 1/16 each: top-p 0.5 always needs 8
+    assert len(ks["real-router"]) > 2 and min(ks["real-router"]) < 8
+
+
+def test_fit_steps_solve_planted_problems():
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4096, 16, generator=gen)
+    tau = real_router.temperature_for(base, 0.2)
+    assert (tau * base).softmax(-1).max(-1).values.median() == pytest.approx(0.2, abs=1e-6)
+    assert real_router.temperature_for(base, 0.3) > tau
+    # probabilities fixed per expert: the all-experts sum is exact at s_e = 1 / p_e
+    p = torch.rand(16, generator=gen).add(0.5).softmax(0).expand(64, 16)
+    o = torch.randn(64, 16, 8, generator=gen)
+    gram = torch.einsum("neh,nfh->nef", o, o)
+    s = real_router.fit_scales(gram, p, ks=(16,))
+    assert torch.allclose(s.float(), 1 / p[0], rtol=1e-4)
+    assert real_router.relative_errors(gram, s.float(), p, (16,), 1.0)[16] < 1e-8
+
+
+def test_shipped_parameters_fit_the_current_real_build():
+    params = real_router.load_params()
+    assert params["real_build"] == real.default_real_dir().name
+    assert len(params["tau"]) == 30 and all(len(s) == 16 and min(s) > 0 for s in params["scales"])
+    assert all(t > 0 for t in params["tau"]) and params["build"] == real_router.BUILD_VERSION
+    assert real_router.default_real_router_dir(params).name.startswith("real-router-")
+
+
+def test_parameters_for_another_model_are_one_clear_error(real_dir, params):
+    from lm_eval_bh.errors import UsageError
+
+    wrong = {**params, "tau": params["tau"] * 2, "scales": params["scales"] * 2}
+    with pytest.raises(UsageError, match="parameters for 4 layers do not fit this 2-layer real model"):
+        real_router.apply_routers(_load(real_dir), wrong)
+
+
+def test_models_lists_real_router(tmp_path, monkeypatch, capsys):
+    from lm_eval_bh.cli import main
+
+    monkeypatch.setenv("LM_EVAL_BH_CACHE", str(tmp_path))
+    assert main(["models"]) == 0
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("real-router ")]
+    assert len(line) == 1 and "softmax router" in line[0] and "not built yet" in line[0]
+
+
+def test_loads_in_lm_eval_as_moe_bh(built, task_manager):
+    import lm_eval
+
+    import lm_eval_bh.lm  # noqa: F401  (registers moe_bh)
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("moe_bh").create_from_arg_string(
+        f"pretrained={built[0]},dtype=float32,selection=topp,top_p=0.6,min_k=1,max_k=8", {"batch_size": "4",
+                                                                                         "device": "cpu"})
+    res = lm_eval.simple_evaluate(model=lm, tasks=["bigbench_strategyqa_offline"], limit=2, task_manager=task_manager,
+                                  bootstrap_iters=0)
+    routing = res["config"]["routing"]
+    ks = {int(k) for k in routing["k_histogram"]}
+    assert routing["tokens"] > 0 and ks <= set(range(1, 9)) and len(ks) > 1
