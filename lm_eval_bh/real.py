@@ -359,10 +359,16 @@ def ensure_real(layers: int | None = None, cal_tokens: int = CAL_TOKENS, progres
     if (final / "lm_eval_bh_real.json").is_file():
         return final
     find_gguf()  # fail fast, before anything is written
+    return build_once(final, lambda tmp: build_real(tmp, layers=layers, cal_tokens=cal_tokens, progress=progress))
+
+
+def build_once(final: Path, build) -> Path:
+    """`final`, built by `build(folder)` into a temporary folder beside it and renamed into place, so a killed
+    build leaves nothing and two concurrent builds leave one complete folder."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
-        build_real(tmp, layers=layers, cal_tokens=cal_tokens, progress=progress)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

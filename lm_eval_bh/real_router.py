@@ -34,9 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -227,18 +224,7 @@ def ensure_real_router(progress: bool = True) -> Path:
     if (final / "lm_eval_bh_real.json").is_file():
         return final
     real_dir = real.ensure_real(progress=progress)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        build_real_router(tmp, real_dir, params, progress=progress)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "lm_eval_bh_real.json").is_file():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return real.build_once(final, lambda tmp: build_real_router(tmp, real_dir, params, progress=progress))
 
 
 if __name__ == "__main__":  # `python -m lm_eval_bh.real_router` prints the model's folder, building it once

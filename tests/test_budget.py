@@ -6,7 +6,6 @@ import math
 import lm_eval
 import pytest
 import torch
-from conftest import make_olmoe
 
 from lm_eval_bh import budget, routing
 from lm_eval_bh.config import RoutingConfig

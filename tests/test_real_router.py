@@ -111,6 +111,7 @@ def test_heldout_perplexity_within_bounds(dense, built):
 
 
 def test_router_is_non_uniform_and_topp_varies(dense, real_dir, built):
+    from lm_eval_bh.errors import RoutingError
     from lm_eval_bh.patch import BHRouting
 
     chunks = _heldout(dense[1])
@@ -119,14 +120,13 @@ def test_router_is_non_uniform_and_topp_varies(dense, real_dir, built):
         assert s["median_top1"] >= 2 / 16 and s["mean_entropy"] < math.log(16) - 0.1
     for s in real_router.router_stats(base, chunks):  # real: uniform by construction
         assert s["median_top1"] < 1 / 16 + 1e-4
-    ks = {}
-    for name, model in (("real", base), ("real-router", rr)):
-        with BHRouting(selection="topp", top_p=0.5, min_k=1, max_k=16).patch(model) as routing:
-            with torch.no_grad():
-                model(input_ids=chunks[:, :128])
-        ks[name] = {int(k) for k in routing.summary()["k_histogram"]}
-    assert ks["real"] == {8}  # 1/16 each: top-p 0.5 always needs 8
-    assert len(ks["real-router"]) > 2 and min(ks["real-router"]) < 8
+    with pytest.raises(RoutingError, match="selection=topp reads the router's softmax probabilities"):
+        BHRouting(selection="topp", top_p=0.5, min_k=1, max_k=16).patch(base)  # real: refused, not noise
+    with BHRouting(selection="topp", top_p=0.5, min_k=1, max_k=16).patch(rr) as routing:
+        with torch.no_grad():
+            rr(input_ids=chunks[:, :128])
+    ks = {int(k) for k in routing.summary()["k_histogram"]}
+    assert len(ks) > 2 and min(ks) < 8
 
 
 def test_fit_steps_solve_planted_problems():
