@@ -32,6 +32,14 @@ def subprocess_env() -> dict:
     return env
 
 
+def model_digest(folder: Path) -> dict:
+    """{file: sha256} of a built model folder's weights and configs (not its build record, which holds times)."""
+    import hashlib
+
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
+            if f.suffix in (".safetensors", ".json") and f.name != "lm_eval_bh_real.json"}
+
+
 def make_olmoe(seed: int = 0, dtype=torch.float32, **overrides) -> OlmoeForCausalLM:
     """A tiny random OLMoE (2 layers, 16 experts, top-4) with a heavy-tailed router, in memory."""
     cfg = dict(

@@ -8,12 +8,12 @@ stock Qwen2-MoE and through lm-eval with ``moe_bh`` at variable k, which stays w
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import model_digest
 
 real = pytest.importorskip("lm_eval_bh.real")
 
@@ -99,12 +99,8 @@ def test_perplexity_curve_fixed_k_and_bh(dense, built):
 
 
 def test_build_is_deterministic(built):
-    def digest(folder: Path) -> dict:
-        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
-                if f.suffix in (".safetensors", ".json") and f.name != "lm_eval_bh_real.json"}
-
     a, b = built
-    assert digest(a) == digest(b) and any(n.endswith(".safetensors") for n in digest(a))
+    assert model_digest(a) == model_digest(b) and any(n.endswith(".safetensors") for n in model_digest(a))
     rec = json.loads((a / "lm_eval_bh_real.json").read_text())
     assert rec["source"]["licence"] == "Apache-2.0" and rec["layers"] == LAYERS
     assert rec["calibration_tokens"] == CAL

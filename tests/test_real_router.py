@@ -13,13 +13,12 @@ it loads through lm-eval as ``moe_bh``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import model_digest
 
 real = pytest.importorskip("lm_eval_bh.real")
 from lm_eval_bh import real_router  # noqa: E402
@@ -73,12 +72,8 @@ def test_fit_and_build_are_deterministic(dense, real_dir, params, built):
     again = real_router.fit_routers(_load(real_dir), *dense, cal_tokens=CAL, progress=False)
     assert again["tau"] == params["tau"] and again["scales"] == params["scales"]
 
-    def digest(folder: Path) -> dict:
-        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())
-                if f.suffix in (".safetensors", ".json") and f.name != "lm_eval_bh_real.json"}
-
     a, b = built
-    assert digest(a) == digest(b) and any(n.endswith(".safetensors") for n in digest(a))
+    assert model_digest(a) == model_digest(b) and any(n.endswith(".safetensors") for n in model_digest(a))
     rec = json.loads((a / "lm_eval_bh_real.json").read_text())
     assert rec["build"].endswith(real_router.BUILD_VERSION) and rec["layers"] == LAYERS
 
