@@ -92,12 +92,10 @@ def test_target_ks_and_twins_grids(tiny_model_dir, capsys):
                                                       "--topk", "1,4", "--twins"), top_k=4, num_experts=16,
                                                 base_routing={}, out=Path("/some/other/folder"))]
     assert elsewhere == ids
-    sens = dict(S.build_grid(_args("--target_ks", "2", "--topk", "1", "--twins"), top_k=4, num_experts=16,
-                             base_routing={"allocation": "sensitivity"}))  # model_args allocation: targets only
+    sens = dict(S.build_grid(_args("--target_ks", "2", "--topk", "1", "--twins", "--allocations", "sensitivity"),
+                             top_k=4, num_experts=16, base_routing={}))  # the allocation: target settings only
     assert {sid: r.get("allocation") for sid, r in sens.items() if not sid.startswith("topk_twin-")} == {
         "topk1": None, "bh-zscore_K2_sensitivity_k1-4": "sensitivity"}
-    with pytest.raises(S.UsageError, match="--model_args: allocation .* give --target_ks too"):
-        S.build_grid(_args("--alphas", "0.05"), top_k=4, num_experts=16, base_routing={"allocation": "sensitivity"})
     grid = dict(S.build_grid(_args("--target_ks", "1.5,2,3", "--selections", "bh,hc,topp", "--topk", "none"),
                              top_k=4, num_experts=16, base_routing={}))
     assert sorted(r["target_k"] for r in grid.values()) == [1.5, 1.5, 1.5, 2, 2, 2, 3, 3, 3]
@@ -105,6 +103,41 @@ def test_target_ks_and_twins_grids(tiny_model_dir, capsys):
     for bad, named in (("0,2", "--target_ks: 0 is out of range"), ("5", "--target_ks: '5' is out of range"),
                        ("x", "--target_ks: 'x' is not a number")):
         assert main(["sweep", "--model_args", f"pretrained={tiny_model_dir}", "--list", "--target_ks", bad]) == 2
+        err = capsys.readouterr().err
+        assert named in err and len(err.strip().splitlines()) == 1
+
+
+def test_allocations_axis_and_top_k_at_each_target(tiny_model_dir, capsys):
+    """--allocations crosses every target with each allocation (distinct ids, `allocation=sensitivity` in the
+    routing of those only); with --selections topk the grid gains top-k at each target (the fitted per-layer
+    budget for sensitivity; uniform only where --topk does not already run that k), never twinned; --list
+    and --shard partition it like any grid; model_args allocation= and --allocations without --target_ks
+    are one line each."""
+    flags = ("--target_ks", "1.5,2", "--allocations", "uniform,sensitivity", "--selections", "bh,topk",
+             "--topk", "1,2", "--twins")
+    grid = dict(S.build_grid(_args(*flags), top_k=4, num_experts=16, base_routing={}))
+    assert [sid for sid in grid if not sid.startswith("topk_twin-")] == [
+        "topk1", "topk2", "topk_K1.5", "topk_K1.5_sensitivity", "topk_K2_sensitivity",  # top-2 is topk_K2
+        "bh-zscore_K1.5_k1-4", "bh-zscore_K1.5_sensitivity_k1-4", "bh-zscore_K2_k1-4", "bh-zscore_K2_sensitivity_k1-4"]
+    assert grid["topk_K1.5"] == {"selection": "topk", "min_k": 1, "max_k": 4, "target_k": 1.5}
+    assert grid["topk_K2_sensitivity"] == {"selection": "topk", "min_k": 1, "max_k": 4, "target_k": 2.0,
+                                           "allocation": "sensitivity"}
+    assert all(("allocation" in r) == ("sensitivity" in sid) for sid, r in grid.items() if "twin" not in sid)
+    twins = [sid for sid in grid if sid.startswith("topk_twin-")]  # the adaptive settings' only
+    assert len(twins) == 4 and not [t for t in twins if t.startswith("topk_twin-topk")]
+    listed = _listed(capsys, tiny_model_dir, *flags, "--shard", "0/3")
+    assert [sid for sid, _ in listed] == list(grid)
+    shards = S.assign_shards(list(grid.items()), 3, 4)
+    assert [shard for _, shard in listed] == [f"{shards[sid]}/3" for sid in grid]
+    assert len(set(shards.values())) == 3
+    for argv, named in (
+            (["--model_args", f"pretrained={tiny_model_dir},allocation=sensitivity", "--target_ks", "2"],
+             "--model_args: 'allocation' is a grid key; set it with --allocations"),
+            (["--model_args", f"pretrained={tiny_model_dir}", "--allocations", "sensitivity"],
+             "--allocations: 'sensitivity' is not allowed; allowed: uniform, or with --target_ks"),
+            (["--model_args", f"pretrained={tiny_model_dir}", "--allocations", "even", "--target_ks", "2"],
+             "--allocations: 'even' is not allowed; allowed: uniform, sensitivity")):
+        assert main(["sweep", "--list", *argv]) == 2
         err = capsys.readouterr().err
         assert named in err and len(err.strip().splitlines()) == 1
 

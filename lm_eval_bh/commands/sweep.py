@@ -45,7 +45,8 @@ from ..model_args import parse_model_args as _parse_model_args
 from . import identity as I
 from .claims import claim, evaluation_lock, remove_stale_claims, write_atomic
 
-GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection", "top_p", "calibration", "target_k", "layer_budget")
+GRID_KEYS = ("alpha", "min_k", "max_k", "pvalue", "selection", "top_p", "calibration", "target_k", "allocation",
+             "layer_budget")
 
 
 def add_arguments(parser) -> None:
@@ -71,7 +72,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top_ps", default="0.5,0.7,0.9", help="top_p values (selection topp only)")
     parser.add_argument("--target_ks", default=None, metavar="K,...",
                         help="mean experts per token to target: each rule with a parameter (alpha, top_p) runs "
-                             "once per K with target_k=K instead of its --alphas / --top_ps")
+                             "once per K (and allocation) with target_k=K instead of its --alphas / --top_ps; with "
+                             "--selections topk, top-k at exactly K (and the fitted per-layer budget, allocation "
+                             "sensitivity) joins the grid")
+    parser.add_argument("--allocations", default="uniform", metavar="A,...",
+                        help="with --target_ks: how each target spreads over the layers, comma-separated: uniform "
+                             "(K in every layer) and/or sensitivity (per-layer budgets fitted to the calibration loss, "
+                             "Alloc-MoE style)")
     parser.add_argument("--twins", action="store_true",
                         help="after each adaptive setting, its layer-budget twin: fixed top-k with that setting's "
                              "per-layer mean k (layer_budget=<its results file>)")
@@ -141,9 +148,10 @@ def parse_model_args(text: str) -> dict:
         raise UsageError(f"--{e}") from None
     for k in GRID_KEYS:
         if k in out:
-            flag = "--calibration" if k == "calibration" else "the grid flags"
-            raise UsageError(f"--model_args: '{k}' is a grid key; set it with {flag} (--alphas, --pvalues, "
-                             "--selections, --top_ps, --target_ks, --twins, --calibration, --min_k, --max_k, --topk)")
+            flag = {"calibration": "--calibration", "allocation": "--allocations"}.get(
+                k, "the grid flags (--alphas, --pvalues, --selections, --top_ps, --target_ks, --allocations, --twins, "
+                   "--calibration, --min_k, --max_k, --topk)")
+            raise UsageError(f"--model_args: '{k}' is a grid key; set it with {flag}")
     return out
 
 
@@ -172,7 +180,10 @@ def setting_id(routing: dict) -> str:
 
 def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path = Path(".")) -> list[tuple[str, dict]]:
     """[(setting_id, routing kwargs for set_routing)]: distinct settings only, fixed top-k baselines first;
-    with --twins each adaptive setting is followed by its layer-budget twin (reading its results in `out`)."""
+    with --target_ks and --selections topk, top-k at each target next (per allocation; uniform at an
+    integer K that --topk runs is that baseline); with --twins each adaptive setting is followed by its
+    layer-budget twin (reading its results in `out`)."""
+    from lm_eval_bh.config import ALLOCATIONS
     from lm_eval_bh.routing import PVALUES, SELECTIONS
 
     alphas = _floats("--alphas", args.alphas, 0.0, 1.0, "numbers strictly between 0 and 1")
@@ -199,12 +210,18 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
     if args.twins and analyze:
         raise UsageError("--twins: mode=analyze routes the stock top-k, so its settings have no layer-budget twin")
 
-    # allocation (model_args) spreads each target's budget over the layers: the target_k settings' alone
-    allocation = {k: v for k, v in base_routing.items() if k == "allocation"}
-    base_routing = {k: v for k, v in base_routing.items() if k != "allocation"}
-    if allocation and target_ks is None:
-        raise UsageError("--model_args: allocation spreads a target mean k over the layers; give --target_ks too")
+    allocations = _choices("--allocations", args.allocations, list(ALLOCATIONS))
+    if not allocations or (target_ks is None and allocations != ["uniform"]):
+        raise UsageError(f"--allocations: '{args.allocations}' is not allowed; allowed: uniform, or with --target_ks "
+                         "a comma-separated list of uniform, sensitivity")
+    # the routing kwargs of each target: uniform is RoutingConfig's default, left out (the ids and identities
+    # of uniform settings are those of sweeps before --allocations)
+    targets = [{"target_k": k, **({} if a == "uniform" else {"allocation": a})}
+               for k in target_ks or () for a in allocations]
     grid: list[dict] = [{**base_routing, "min_k": k, "max_k": k} for k in topks]
+    if "topk" in selections and not analyze:  # top-k at each target: the references at exactly K
+        grid.extend({**base_routing, "selection": "topk", "min_k": min_k, "max_k": max_k, **t} for t in targets
+                    if t.get("allocation") or not (float(t["target_k"]).is_integer() and t["target_k"] in topks))
     needs_null = False
     for sel in selections:
         if SELECTIONS[sel].fixed:
@@ -215,7 +232,7 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
             common = {**base_routing, "selection": sel, "pvalue": pv, "min_k": min_k, "max_k": max_k,
                       **({"calibration": args.calibration} if null and args.calibration else {})}
             if target_ks is not None and SELECTIONS[sel].params:
-                grid.extend({**common, "target_k": k, **allocation} for k in target_ks)
+                grid.extend({**common, **t} for t in targets)
             elif "top_p" in SELECTIONS[sel].params:
                 for p in _floats("--top_ps", args.top_ps, 0.0, 1.0, "numbers strictly between 0 and 1"):
                     grid.append({**common, "top_p": p})
@@ -239,7 +256,7 @@ def build_grid(args, top_k: int, num_experts: int, base_routing: dict, out: Path
             continue
         seen.add(sid)
         out_grid.append((sid, r))
-        if args.twins and not (cfg.fixed_k or cfg.min_k == cfg.max_k):
+        if args.twins and not (SELECTIONS[cfg.selection].fixed or cfg.min_k == cfg.max_k):
             twin = {**base_routing, "selection": "topk", "layer_budget": str(out / f"{sid}.json")}
             out_grid.append((setting_id(twin), twin))
     return out_grid
