@@ -39,7 +39,7 @@ COLUMNS = [
     "mean_k", "top_k", "expert_fraction", "active_params", "n_tasks", "limit", "source", "file",
 ]
 REPORT_COLUMNS = COLUMNS + [
-    "avg_tasks", "target_k", "pareto", "topk_value_at_k", "delta_vs_topk", "delta_se", "delta_se_kind", "no_delta",
+    "avg_tasks", "target_k", "allocation", "pareto", "topk_value_at_k", "delta_vs_topk", "delta_se", "delta_se_kind", "no_delta",
     "topk_at_target", "delta_at_target", "delta_at_target_se",
     "twin", "delta_vs_twin", "delta_vs_twin_se", "alloc_delta", "alloc_se",
 ]
@@ -187,7 +187,9 @@ def recorded_config(settings: dict):
 def _setting_label(settings: dict, source: str = "olmoe_bh") -> tuple[str, str, int | None, float]:
     """(setting label, rule, fixed k or None, alpha) from config["routing"]["settings"]; the label
     names only the parameters that change the routing (`RoutingConfig.label`), plus the budget fields
-    (`target_k`, `layer_k`, `layer_budget`) where the settings carry them."""
+    (`target_k`, `layer_k`, `layer_budget`) where the settings carry them. Top-k at a target K with
+    allocation=uniform (K in every layer, a fractional K by a deterministic token split) is a fixed
+    top-k: its k (None here) is the mean k it achieved, set by the caller."""
     cfg = recorded_config(settings)
     effective = dict(cfg.effective())
     label = LAYER_RULE if _per_layer(settings) else cfg.label()  # a k per layer: no one k, no rule, to name
@@ -197,9 +199,12 @@ def _setting_label(settings: dict, source: str = "olmoe_bh") -> tuple[str, str, 
             text = os.path.basename(str(value)) if name == "layer_budget" else _budget_text(value)
             label += f" {name}={text}"
     if _per_layer(settings):
-        return f"{source} {label}", LAYER_RULE, None, math.nan
+        alloc = f" alloc={cfg.allocation}" if cfg.target_k is not None and cfg.allocation != "uniform" else ""
+        return f"{source} {label}{alloc}", LAYER_RULE, None, math.nan
     if "k" in effective and cfg.mode != "analyze":
         return f"{source} {label}", FIXED_RULE, int(effective["k"]), math.nan
+    if cfg.budgeted and cfg.allocation == "uniform" and cfg.mode != "analyze":  # top-k at exactly K
+        return f"{source} {label}", FIXED_RULE, None, math.nan
     rule = str(effective.get("selection", "topk")) + (f"/{effective['pvalue']}" if "pvalue" in effective else "")
     if cfg.mode == "analyze":
         # analyze mode routes with the stock top-k and only records what the rule would pick: its
@@ -215,7 +220,11 @@ def _budget_text(value) -> str:
 
 
 def _per_layer(settings: dict) -> bool:
-    """A fixed top-k with its own k per layer (`layer_k`, or `layer_budget` from another run's means)."""
+    """A fixed top-k with its own k per layer (`layer_k`, or `layer_budget` from another run's means); not
+    an adaptive rule meeting per-layer means with a per-layer knob (`layer_k` with `layer_knob`, as
+    `allocation=sensitivity` fits it)."""
+    if settings.get("layer_knob") not in (None, "", []):
+        return False
     return any(settings.get(n) not in (None, "", []) for n in ("layer_k", "layer_budget"))
 
 
@@ -519,6 +528,8 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
                 rule = f"{FIXED_RULE} (not stock)"
         top_k = float(block.model.top_k)
         mean_k = _as_float(block.mean_experts_per_token)
+        if rule.startswith(FIXED_RULE) and fixed_k is None:  # top-k at a target K: a reference at the k it achieved
+            fixed_k = mean_k
         active = _as_float(block.active_params_per_token)
         dense = float(block.model.dense_params)
         per_k = float(block.model.params_per_expert * block.model.num_layers)
@@ -577,6 +588,7 @@ def _rows_from_results(data: Any, file: Path, get_cfg) -> tuple[list[dict], str 
             "_dense": dense, "_per_k": per_k,
             "_filter": filt, "_samples": samples_source(file, data, task),
             "target_k": _as_float(settings.get("target_k")),
+            "allocation": str(settings.get("allocation") or "uniform") if settings.get("target_k") is not None else "",
             "_not_reference": not_reference,
             "_per_layer": tuple(_as_float(x) for x in block.per_layer_mean) if block is not None else (),
             "_layer_budget": str(settings.get("layer_budget") or ""),

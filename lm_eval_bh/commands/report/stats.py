@@ -332,7 +332,7 @@ def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
     Where there is no Δ, 'no_delta' says why.
 
     A setting with a target mean k (`target_k`) is also compared at exactly that k: 'delta_at_target'
-    (and its SE) against the stock top-k run at k = target, where one exists; no interpolation."""
+    (and its SE) against the top-k run at k = target, where one exists (`at_target`); no interpolation."""
     df = df.copy()
     if "avg_tasks" not in df.columns:
         df["avg_tasks"] = ""
@@ -353,11 +353,57 @@ def add_matched_cost(df: "pd.DataFrame") -> "pd.DataFrame":
                                           f"{ks.min():g}..{ks.max():g} (no extrapolation)")
             else:
                 df.loc[idx, ["topk_value_at_k", "delta_vs_topk", "delta_se", "delta_se_kind"]] = res
-            target = float(row.get("target_k", math.nan))
-            if math.isfinite(target) and (fixed["fixed_k"].astype(float) == target).any():
-                at = _vs_topk(df, row, fixed[fixed["fixed_k"].astype(float) == target], target)
+            refs = at_target(fixed, float(row.get("target_k", math.nan)))
+            if len(refs):
+                at = _vs_topk(df, row, refs, float(refs["fixed_k"].iloc[0]))
                 df.loc[idx, ["topk_at_target", "delta_at_target", "delta_at_target_se"]] = at[:3]
     return df
+
+
+def at_target(fixed: "pd.DataFrame", target: float) -> "pd.DataFrame":
+    """The top-k reference runs at exactly mean k = `target`: a top-k run at that target (`target_k`,
+    K in every layer; its k is the mean it achieved), else the stock top-k runs at k = target."""
+    if not math.isfinite(target):
+        return fixed.iloc[:0]
+    runs = fixed[fixed["target_k"] == target]
+    runs = runs if len(runs) else fixed[fixed["fixed_k"].astype(float) == target]
+    return runs[runs["fixed_k"].astype(float) == float(runs["fixed_k"].iloc[0])] if len(runs) else runs
+
+
+def rule_name(row) -> str:
+    """A rule as the target tables name it: with its allocation where that is not uniform, e.g.
+    'layer-k (sensitivity)' (top-k on the fitted per-layer budget) or 'bh/zscore (sensitivity)'."""
+    alloc = row.get("allocation") or ""
+    return f"{row['rule']} ({alloc})" if alloc not in ("", "uniform") else str(row["rule"])
+
+
+WIN_SE = 2.0  # a rule beats (or loses to) top-k when its Δ at the target is more than this many SEs
+
+
+def gain_z(row) -> float:
+    """Δ vs top-k at the target in SEs, signed so that positive is better (a lower perplexity, a higher
+    accuracy); NaN without a top-k run at the target or without an SE (an SE of 0: 0 for Δ = 0, else ±inf)."""
+    d, se = row.get("delta_at_target", math.nan), row.get("delta_at_target_se", math.nan)
+    if not (math.isfinite(d) and math.isfinite(se)):
+        return math.nan
+    gain = d if row["higher_is_better"] else -d
+    return gain / se if se > 0 else math.copysign(math.inf, gain) if gain else 0.0
+
+
+def winners(rep: "pd.DataFrame") -> list[dict]:
+    """Per group, summary (task average, each lower-is-better task) and target k: the settings aimed at
+    that k (`target_k`), best first (max accuracy, min perplexity); {"cell": the group keys, "target",
+    "best": its row, "runner_up": the best row of another rule (`rule_name`) or None, "rows": all}."""
+    t = rep[is_summary(rep) & rep["target_k"].notna() & compared(rep)]
+    out = []
+    for keys, g in t.groupby(CELL + ["target_k"], sort=False):
+        hib = bool(g["higher_is_better"].iloc[0])
+        g = g.sort_values(["value", "setting"], ascending=[not hib, True], kind="stable")
+        best = g.iloc[0]
+        others = g[g.apply(rule_name, axis=1) != rule_name(best)]
+        out.append({"cell": dict(zip(CELL, keys[:-1])), "target": float(keys[-1]), "best": best,
+                    "runner_up": others.iloc[0] if len(others) else None, "rows": g})
+    return sorted(out, key=lambda w: (tuple(str(w["cell"][c]) for c in CELL), w["target"]))
 
 
 def _twin_of(row, twins: "pd.DataFrame"):
@@ -412,7 +458,8 @@ def build_report(df: "pd.DataFrame") -> "pd.DataFrame":
     if "evaluation" not in df.columns:
         df = df.assign(evaluation="")
     df = df.assign(_src=df["file"])
-    for name, default in (("target_k", math.nan), ("_not_reference", None), ("_per_layer", ()), ("_layer_budget", "")):
+    for name, default in (("target_k", math.nan), ("allocation", ""), ("_not_reference", None), ("_per_layer", ()),
+                          ("_layer_budget", "")):
         if name not in df.columns:
             df[name] = [default] * len(df)
     df = add_average(df)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from .load import AVERAGE
-from .stats import is_summary
+from .stats import WIN_SE, compared, gain_z, is_summary, rule_name, winners
 
 
 def _fmt(x, nd=4):
@@ -99,20 +99,77 @@ def summary_table(rep: "pd.DataFrame", task: str = AVERAGE) -> "pd.DataFrame":
 
 
 def target_table(rep: "pd.DataFrame", task: str = AVERAGE) -> "pd.DataFrame":
-    """Settings that aimed at a mean k (`target_k`), by target: each beside the stock top-k run at exactly
-    that k (no interpolation), with the paired difference."""
-    t = rep[(rep["task"] == task) & rep["target_k"].notna()].sort_values(["target_k", "value"], kind="stable")
+    """Settings that aimed at a mean k (`target_k`), by target: each beside the top-k run at exactly
+    that k (no interpolation), with the paired difference; its rule named with its allocation."""
+    t = rep[(rep["task"] == task) & rep["target_k"].notna() & compared(rep)]
+    t = t.sort_values(["target_k", "value"], kind="stable")
     m = _metric_of(rep, task)
     rows = []
     for _, r in t.iterrows():
         row = _group_columns(t, r)
         row.update({
-            "target k": _fmt(r["target_k"], 3), "setting": r["setting"], "achieved k": _fmt(r["mean_k"], 3),
+            "target k": _fmt(r["target_k"], 3), "setting": r["setting"], "rule": rule_name(r),
+            "allocation": r["allocation"], "achieved k": _fmt(r["mean_k"], 3),
             f"{m}": _fmt(r["value"]) or "NaN", f"top-k {m} @ k = target": _fmt(r["topk_at_target"]),
             "Δ ± se": _fmt_delta(r, "delta_at_target", "delta_at_target_se", kind=""),
         })
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _summary_name(rep: "pd.DataFrame", task: str) -> str:
+    return f"task average ({_metric_of(rep, task)})" if task == AVERAGE else f"{task} ({_metric_of(rep, task)} ↓)"
+
+
+def _verdict(w: dict) -> tuple[str, bool]:
+    """(which wins at this target, whether a rule does): the rules that beat top-k by more than WIN_SE
+    SEs, else top-k where every rule loses to it by that much, else a tie."""
+    if not w["rows"]["delta_at_target"].notna().any():
+        return "no top-k run at this k", False
+    z = {rule_name(r): gain_z(r) for _, r in w["rows"].iloc[::-1].iterrows()}  # each rule's best setting
+    beat = [name for name, v in sorted(z.items(), key=lambda x: -x[1]) if v > WIN_SE]
+    if beat:
+        return f"{', '.join(beat)} beat{'s' if len(beat) == 1 else ''} top-k", True
+    if all(v < -WIN_SE for v in z.values()):
+        return "top-k wins", False
+    return f"no rule beats top-k by more than {WIN_SE:g} SE", False
+
+
+def winner_table(rep: "pd.DataFrame") -> "pd.DataFrame":
+    """Per summary and target k: the best setting aimed at that k, its Δ vs top-k at exactly k = target
+    (paired SE), the runner-up rule's best setting and Δ, and which wins (`_verdict`)."""
+    rows = []
+    for w in winners(rep):
+        best, runner = w["best"], w["runner_up"]
+        row = _group_columns(rep[compared(rep)], best)
+        row.update({
+            "summary": _summary_name(rep, best["task"]), "target k": _fmt(w["target"], 3),
+            "top-k @ k = target": _fmt(best["topk_at_target"]),
+            "best": f"{best['setting']} ({rule_name(best)})", "value": _fmt(best["value"]),
+            "Δ vs top-k ± se": _fmt_delta(best, "delta_at_target", "delta_at_target_se", kind=""),
+            "runner-up rule": "" if runner is None else f"{rule_name(runner)}: {runner['setting']}",
+            "its Δ ± se": "" if runner is None else _fmt_delta(runner, "delta_at_target", "delta_at_target_se", kind=""),
+            "verdict": _verdict(w)[0],
+        })
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def winner_lines(rep: "pd.DataFrame") -> list[str]:
+    """One plain sentence per summary: at which target k a rule beats top-k by more than WIN_SE SEs."""
+    by_summary: dict[str, list[tuple[float, tuple[str, bool]]]] = {}
+    for w in winners(rep):
+        by_summary.setdefault(_summary_name(rep, w["best"]["task"]), []).append((w["target"], _verdict(w)))
+    lines = []
+    for name, verdicts in by_summary.items():
+        won = [f"{v} at k = {k:g}" for k, (v, wins) in verdicts if wins]
+        rest = [f"{k:g}" for k, (_, wins) in verdicts if not wins]
+        if not won:
+            lines.append(f"- {name}: no rule beats top-k by more than {WIN_SE:g} SE at any target k.")
+        else:
+            tail = f"; no rule does at k = {', '.join(rest)}" if rest else ""
+            lines.append(f"- {name}: {'; '.join(won)} (by more than {WIN_SE:g} SE){tail}.")
+    return lines
 
 
 def per_task_table(rep: "pd.DataFrame") -> "pd.DataFrame":
@@ -164,6 +221,13 @@ def render(rep: "pd.DataFrame", fmt: str = "md") -> str:
     if rep.empty:
         return "(no results)\n"
     parts = []
+    if winners(rep):
+        parts += ["## Winner at each target k\n",
+                  "Per target k, the best setting aimed at it (`target_k`; max accuracy, min perplexity) against "
+                  "the top-k run at exactly k = target (no interpolation): Δ with its paired SE (log ratio for a "
+                  f"perplexity: negative is better), the best setting of the runner-up rule, and the verdict: a rule "
+                  f"wins only where it beats top-k by more than {WIN_SE:g} SE.\n",
+                  _to_markdown(winner_table(rep)), "", *winner_lines(rep), ""]
     for task in summary_tasks(rep):
         for avg_tasks, rows in rep[rep["task"] == task].groupby("avg_tasks", sort=True):
             part = rep[(rep["task"] != task) | (rep["avg_tasks"] == avg_tasks)]
