@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_budget_sweep import _table
 from test_report import results_file, routing_block
 
 from lm_eval_bh.commands import report as R
@@ -395,6 +396,97 @@ def test_settings_with_a_target_k_are_compared_at_exactly_that_k(tmp_path):
     c = _one(rep, "bh/zscore target_k=3 k=1..8")
     assert math.isnan(c["delta_at_target"]) and math.isfinite(c["delta_vs_topk"])
     assert "at matched target k (target_k)" in text
+
+
+def _target_grid(d: Path, ll: dict, words) -> dict:
+    """A --target_ks 1.5,2 --allocations uniform,sensitivity --selections bh,topk grid's files: {name: setting}."""
+    _ppl_file(d / "topk1.json", ll["top1"], words, 1.0, fixed=True)
+    _ppl_file(d / "topk2.json", ll["top2"], words, 2.0, fixed=True)
+    topk = {"selection": "topk", "min_k": 1, "max_k": 4}
+    sens = {"allocation": "sensitivity"}
+    for name, mean_k, settings in (
+            ("topk_K1.5", 1.497, {**topk, "target_k": 1.5}),
+            ("topk_K1.5_sensitivity", 1.5, {**topk, **sens, "target_k": 1.5, "layer_k": [1.0, 2.0], "fitted_k": 1.5}),
+            ("topk_K2_sensitivity", 2.0, {**topk, **sens, "target_k": 2.0, "layer_k": [1.0, 3.0], "fitted_k": 2.0}),
+            ("bh_K1.5", 1.45, {"target_k": 1.5, "alpha": 0.3}),
+            ("bh_K1.5_sensitivity", 1.52, {**sens, "target_k": 1.5, "layer_k": [1.0, 2.0], "layer_knob": [0.01, 0.4]}),
+            ("bh_K2", 2.05, {"target_k": 2.0, "alpha": 0.5})):
+        _ppl_file(d / f"{name}.json", ll[name], words, mean_k, settings=settings)
+    return {"uniform": "olmoe_bh topk target_k=1.5", "layer15": "olmoe_bh layer-k target_k=1.5 layer_k=1,2 alloc=sensitivity",
+            "layer2": "olmoe_bh layer-k target_k=2 layer_k=1,3 alloc=sensitivity",
+            "bh15": "bh/zscore target_k=1.5 k=1..8", "bh15s": "bh/zscore target_k=1.5 alloc=sensitivity k=1..8 layer_k=1,2",
+            "bh2": "bh/zscore target_k=2 k=1..8"}
+
+
+def test_top_k_at_a_target_is_its_exact_reference_and_the_winner_table_names_who_wins(tmp_path):
+    """Top-k at target 1.5 (uniform) is a top-k reference at the k it achieved: the exact reference of the
+    settings aimed at 1.5, and a point of the curve others interpolate on; the fitted per-layer budget
+    (topk, allocation=sensitivity) is `layer-k (sensitivity)`; the winner table picks the lowest perplexity
+    at each target, its runner-up of another rule, and says which wins at 2 SE."""
+    rng = np.random.default_rng(11)
+    n = 40
+    words = rng.integers(20, 80, n)
+    base = -words * rng.normal(5.0, 0.4, n)
+    noise = lambda sd: rng.normal(0, sd, n)  # noqa: E731
+    ll = {"top1": base * 1.3, "top2": base * 0.9, "topk_K1.5": base, "topk_K1.5_sensitivity": base * 0.9 + noise(2),
+          "bh_K1.5": base * 1.1 + noise(2), "bh_K1.5_sensitivity": base * 0.99 + noise(40),
+          "topk_K2_sensitivity": base * 0.97 + noise(2), "bh_K2": base * 1.0 + noise(2)}
+    d = tmp_path / "r"
+    names = _target_grid(d, ll, words)
+    text, rep, _ = _report(d)
+    nll = lambda key: -ll[key].sum() / words.sum()  # noqa: E731
+
+    ref = _one(rep, names["uniform"], "p")
+    assert ref["rule"] == R.FIXED_RULE and ref["fixed_k"] == 1.497 and math.isnan(ref["delta_vs_topk"])
+    bh = _one(rep, names["bh15"], "p")  # interpolated on the curve top-1, top-k at 1.497, top-2
+    w = (1.45 - 1.0) / (1.497 - 1.0)
+    assert bh["topk_value_at_k"] == pytest.approx(math.exp((1 - w) * nll("top1") + w * nll("topk_K1.5")))
+    layer = _one(rep, names["layer15"], "p")
+    assert layer["rule"] == "layer-k" and layer["allocation"] == "sensitivity"
+    assert layer["topk_at_target"] == pytest.approx(ref["value"])  # exactly top-k at 1.5, no interpolation
+    assert layer["delta_at_target"] == pytest.approx(nll("topk_K1.5_sensitivity") - nll("topk_K1.5"))
+    assert _one(rep, names["bh15s"], "p")["rule"] == "bh/zscore"  # a per-layer knob: an adaptive rule
+    assert _one(rep, names["layer2"], "p")["topk_at_target"] == pytest.approx(_one(rep, "olmoe_bh top-2", "p")["value"])
+
+    target = {(r["target k"], r["setting"]): r for r in _table(text, "### p at matched target k")}
+    assert ("1.500", names["uniform"]) not in target  # the reference is no row of its own
+    assert target[("1.500", names["layer15"])]["rule"] == "layer-k (sensitivity)"
+    assert target[("1.500", names["bh15s"])]["rule"] == "bh/zscore (sensitivity)"
+    assert target[("1.500", names["bh15"])]["allocation"] == "uniform"
+
+    win = {r["target k"]: r for r in _table(text, "## Winner at each target k")}
+    assert win["1.500"]["best"] == f"{names['layer15']} (layer-k (sensitivity))"  # the lowest perplexity at 1.5
+    assert win["1.500"]["Δ vs top-k ± se"] == f"{layer['delta_at_target']:+.4f} ± {layer['delta_at_target_se']:.4f}"
+    assert win["1.500"]["runner-up rule"] == f"bh/zscore (sensitivity): {names['bh15s']}"
+    assert win["1.500"]["verdict"] == "layer-k (sensitivity) beats top-k"
+    assert win["2.000"]["best"] == f"{names['layer2']} (layer-k (sensitivity))"
+    assert win["2.000"]["runner-up rule"] == f"bh/zscore: {names['bh2']}" and win["2.000"]["verdict"] == "top-k wins"
+    assert ("- p (word_perplexity ↓): layer-k (sensitivity) beats top-k at k = 1.5 (by more than 2 SE); "
+            "no rule does at k = 2.") in text
+
+
+def test_winner_table_on_accuracy_takes_the_highest_and_says_when_none_beats_top_k(tmp_path):
+    """For an accuracy the best is the highest; where no rule is more than 2 SE better than top-k at the
+    target, a sentence says so plainly."""
+    d = tmp_path / "r"
+    items = {2: [1, 0, 1, 0, 1, 0, 1, 0], "a": [1, 1, 1, 0, 1, 0, 1, 0], "b": [1, 0, 0, 0, 1, 0, 1, 0],
+             "c": [0, 0, 1, 0, 1, 0, 0, 0]}
+    for name, mean_k, settings in ((2, 2.0, {"min_k": 2, "max_k": 2}), ("a", 2.1, {"target_k": 2.0, "alpha": 0.2}),
+                                   ("b", 1.9, {"target_k": 2.0, "selection": "hc", "alpha": 0.1}),
+                                   ("c", 2.0, {"target_k": 2.0, "selection": "topp", "top_p": 0.4})):
+        block = routing_block(mean_k)
+        block["settings"].update(settings)
+        path = results_file(d / f"{name}.json", {"t": (float(np.mean(items[name])), 0.2)}, routing=block,
+                            sweep={"setting_id": str(name), "identity": None})
+        path.with_name(f"{name}.samples.jsonl").write_text("".join(
+            json.dumps({"task": "t", "doc_id": i, "filter": "none", "acc": v}) + "\n" for i, v in enumerate(items[name])))
+    text, _, _ = _report(d)
+    (win,) = _table(text, "## Winner at each target k")
+    assert win["best"] == "bh/zscore target_k=2 k=1..8 (bh/zscore)" and win["summary"] == "task average (acc)"
+    assert win["Δ vs top-k ± se"] == "+0.1250 ± 0.1250"  # one item better of 8, paired
+    assert win["runner-up rule"] == "hc/zscore: hc/zscore target_k=2 k=1..8" and win["its Δ ± se"] == "-0.1250 ± 0.1250"
+    assert win["verdict"] == "no rule beats top-k by more than 2 SE"
+    assert "- task average (acc): no rule beats top-k by more than 2 SE at any target k." in text
 
 
 # --------------------------------------------------------------------------- several folders
