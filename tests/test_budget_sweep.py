@@ -65,3 +65,44 @@ def _table(text: str, after: str) -> list[dict]:
             break
     header, _, *rows = table
     return [dict(zip(header, row, strict=True)) for row in rows]
+
+
+def test_top_k_at_a_target_and_the_fitted_per_layer_budget_through_the_sweep(tiny_model_dir, tmp_path, capsys):
+    """--selections topk --target_ks 1.5 --allocations uniform,sensitivity through lm-eval's model class:
+    top-k at exactly 1.5 (1.5 in every layer by the token split, no fit) and the fitted per-layer budget
+    (the profile of least summed calibration loss, routed layer by layer); the report takes the first as
+    the top-k reference at 1.5 and compares the second with it, in the winner table too."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args",
+           f"pretrained={tiny_model_dir},dtype=float32,fit_tokens=256", "--tasks", "mmlu_dev_offline",
+           "--include_path", str(ROOT / "tasks"), "--limit", "2", "--device", "cpu", "--bootstrap_iters", "0",
+           "--target_ks", "1.5", "--allocations", "uniform,sensitivity", "--selections", "topk", "--topk", "none",
+           "--output_path", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    files = {f.stem: json.loads(f.read_text())["config"]["routing"] for f in out.glob("*.json")}
+    assert set(files) == {"topk_K1.5", "topk_K1.5_sensitivity"}
+
+    uniform = files["topk_K1.5"]
+    assert uniform["settings"]["target_k"] == 1.5 and uniform["settings"]["layer_k"] is None
+    assert uniform.get("budget") is None  # nothing to fit: K in every layer
+    assert all(abs(k - 1.5) <= 0.05 for k in uniform["per_layer_mean"]) and abs(uniform["mean_experts_per_token"] - 1.5) <= 0.02
+
+    sens = files["topk_K1.5_sensitivity"]
+    profile, losses = sens["settings"]["layer_k"], sens["budget"]["layer_loss"]
+    assert sens["settings"]["allocation"] == "sensitivity" and sum(profile) == 3.0 and len(losses) == 2
+    best = min(((a, b) for a in range(1, 5) for b in range(1, 5) if a + b == 3),
+               key=lambda ks: losses[0][ks[0] - 1] + losses[1][ks[1] - 1])
+    assert tuple(profile) == best  # the least summed loss (min_k 1: losses[l][j] is k = 1 + j)
+    assert sens["per_layer_mean"] == profile and sens["mean_experts_per_token"] == 1.5  # routed as fitted
+
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = {r["setting"]: r for r in _table(text, "## Task average per setting")}
+    assert summary["olmoe_bh topk target_k=1.5"]["rule"] == "top-k"
+    layer = f"olmoe_bh layer-k target_k=1.5 layer_k={profile[0]:g},{profile[1]:g} alloc=sensitivity"
+    (matched,) = _table(text, "at matched target k (target_k)")
+    assert matched["setting"] == layer and matched["rule"] == "layer-k (sensitivity)" and matched["Δ ± se"]
+    assert matched["top-k acc @ k = target"] == summary["olmoe_bh topk target_k=1.5"]["acc ± se"]
+    (win,) = _table(text, "## Winner at each target k")
+    assert win["best"] == f"{layer} (layer-k (sensitivity))" and win["Δ vs top-k ± se"] == matched["Δ ± se"]
