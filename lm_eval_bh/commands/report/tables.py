@@ -126,7 +126,9 @@ def _verdict(w: dict) -> tuple[str, bool]:
     SEs, else top-k where every rule loses to it by that much, else a tie."""
     if not w["rows"]["delta_at_target"].notna().any():
         return "no top-k run at this k", False
-    z = {rule_name(r): gain_z(r) for _, r in w["rows"].iloc[::-1].iterrows()}  # each rule's best setting
+    z: dict[str, float] = {}  # each rule's largest gain over top-k, in SEs (NaN without an SE)
+    for _, r in w["rows"].iterrows():
+        z[rule_name(r)] = max(z.get(rule_name(r), math.nan), gain_z(r), key=lambda v: -math.inf if math.isnan(v) else v)
     beat = [name for name, v in sorted(z.items(), key=lambda x: -x[1]) if v > WIN_SE]
     if beat:
         return f"{', '.join(beat)} beat{'s' if len(beat) == 1 else ''} top-k", True
@@ -159,7 +161,9 @@ def winner_lines(rep: "pd.DataFrame") -> list[str]:
     """One plain sentence per summary: at which target k a rule beats top-k by more than WIN_SE SEs."""
     by_summary: dict[str, list[tuple[float, tuple[str, bool]]]] = {}
     for w in winners(rep):
-        by_summary.setdefault(_summary_name(rep, w["best"]["task"]), []).append((w["target"], _verdict(w)))
+        group = " ".join(str(v) for v in _group_columns(rep[compared(rep)], w["best"]).values() if v)
+        name = f"{group}: {_summary_name(rep, w['best']['task'])}" if group else _summary_name(rep, w["best"]["task"])
+        by_summary.setdefault(name, []).append((w["target"], _verdict(w)))
     lines = []
     for name, verdicts in by_summary.items():
         won = [f"{v} at k = {k:g}" for k, (v, wins) in verdicts if wins]
