@@ -6,13 +6,14 @@ import math
 
 import pandas as pd
 
-from .load import AVERAGE, FIXED_RULE, GROUP, _as_float, _short
+from .load import AVERAGE, FIXED_RULE, GROUP, _as_float
+from .stats import rule_name
 from .tables import _metric_of, _short_model, summary_tasks
 
 
 def _point_label(r) -> str:
     if r["rule"] == FIXED_RULE:
-        return f"k={_short(r['mean_k'])}" if math.isfinite(r["mean_k"]) else ""
+        return f"k={r['mean_k']:.3g}" if math.isfinite(r["mean_k"]) else ""  # top-k at a target: its achieved k
     if math.isfinite(_as_float(r.get("alpha"))):
         return f"α={r['alpha']:g}"
     return r["setting"].split(" ")[1] if " " in r["setting"] else r["setting"]
@@ -67,8 +68,9 @@ def place_labels(ax, labels: list[tuple[str, float, float]]) -> None:
 
 
 def _plot_panel(ax, d: "pd.DataFrame", task: str, over: str, m: str) -> list[tuple[str, float, float]]:
-    """Draw one panel's curves; returns the point labels to place."""
+    """Draw one panel's curves (one per rule and allocation, `rule_name`); returns the point labels to place."""
     multi = d.groupby(GROUP).ngroups > 1
+    d = d.assign(rule=[rule_name(r) for _, r in d.iterrows()])
     labels = []
     for (model, evaluation, rule), g in d.groupby(GROUP + ["rule"], sort=True):
         g = g[g["mean_k"].notna() & g["value"].notna()]
