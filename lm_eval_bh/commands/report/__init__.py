@@ -55,7 +55,8 @@ from .load import (ACC_TIE, ANALYZE_PREFIX, AVERAGE, COLUMNS, COST_TIE, FIXED_RU
 from .plot import make_plot
 from .stats import (add_average, add_twins, average_notes, add_matched_cost, build_report, interpolate_fixed, interpolation_weights,
                     is_summary, mark_pareto, pareto_mask, undefined_settings)
-from .tables import _short_model, per_task_table, render, summary_table, summary_tasks, target_table
+from .tables import (_short_model, per_task_table, render, summary_table, summary_tasks, target_table,
+                     winner_table)
 
 __all__ = [  # the library API, as `from lm_eval_bh.commands import report as R; R.<name>`
     "ACC_TIE", "ANALYZE_PREFIX", "AVERAGE", "COLUMNS", "COST_TIE", "FIXED_RULE", "GROUP", "REPORT_COLUMNS",
@@ -64,7 +65,7 @@ __all__ = [  # the library API, as `from lm_eval_bh.commands import report as R;
     "interpolation_weights", "is_summary", "load_item_scores", "load_results", "make_plot", "mark_pareto",
     "metric_scale", "pareto_mask", "params_from_config", "parse_model_args", "per_task_table", "primary_metric",
     "read_model_config", "recorded_config", "render", "report", "run", "samples_source", "summary_table",
-    "summary_tasks", "target_table", "undefined_settings",
+    "summary_tasks", "target_table", "undefined_settings", "winner_table",
 ]
 
 # --------------------------------------------------------------------------- CLI
