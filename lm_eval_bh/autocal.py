@@ -19,6 +19,8 @@ text's hash, its token ids, the token count and the routing setting.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import hashlib
 import json
 import os
@@ -233,6 +235,16 @@ def _replace(cal: Calibration, layer: int, sample) -> None:
         getattr(cal, name)[layer] = getattr(one, name)[0]
 
 
+def routed_before_fit(cfg: RoutingConfig) -> RoutingConfig:
+    """The routing a null is fitted under: `cfg` itself, or, while its budget (target_k, a per-layer profile)
+    is still to be fitted with this very null, the same rule at its own knob in every layer (the starting
+    point of the fit), so that the null and the budget are not each other's input."""
+    if not cfg.needs_fit:
+        return cfg
+    return replace(cfg, target_k=None, allocation="uniform", layer_k=None, layer_knob=None, layer_budget=None,
+                   fitted_k=None)
+
+
 def _routing_key(cfg: RoutingConfig, layers) -> dict:
     """The routing setting a null is fitted under, with the model's defaults filled in (its calibration aside)."""
     first = layers[0]
@@ -273,7 +285,7 @@ def resolve(model: torch.nn.Module, tokenizer, cfg: RoutingConfig, *, tokens: in
     ids = hashlib.sha256()
     for b, m in batches:
         ids.update(b[m.bool()].numpy().astype("<i8").tobytes())
-    under = None if cfg.mode == "analyze" else cfg
+    under = None if cfg.mode == "analyze" else routed_before_fit(cfg)
     key = {"source": source, "format": VERSION, "router_fingerprint": layers_fingerprint(layers),
            "corpus_sha256": corpus_hash(texts), "token_ids_sha256": ids.hexdigest(),
            "tokens": sum(int(m.sum()) for _, m in batches), "max_length": max_length, "samples": SAMPLES,

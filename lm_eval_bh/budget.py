@@ -228,10 +228,20 @@ def measure(model, cfg: RoutingConfig, batches, *, loss: bool = False, kernel: s
 def layer_sensitivity(model, cfg: RoutingConfig, batches, num_layers: int, min_k: int, max_k: int,
                       reference: int) -> list[list[float]]:
     """losses[l][j]: the calibration loss with layer l at min_k + j experts (fixed top-k) and every other
-    layer at `reference` experts (the model's top_k)."""
-    base = {**asdict(cfg), "selection": "topk", "pvalue": "zscore", "calibration": None, "target_k": None,
-            "allocation": "uniform", "layer_knob": None, "fitted_k": None, "layer_budget": None, "min_k": min_k,
-            "max_k": max_k}
+    layer at `reference` experts (the model's top_k). Only `cfg`'s weighting (temperature, renormalize)
+    matters: the table is shared by every rule and target of one process (`_SENSITIVITY`)."""
+    from .calibration import layers_fingerprint
+
+    base = {"selection": "topk", "min_k": min_k, "max_k": max_k, "temperature": cfg.temperature,
+            "renormalize": cfg.renormalize}
+    key = (layers_fingerprint(find_moe_layers(model)), tuple(sorted(base.items())), reference,
+           tuple(hashlib.sha256(ids[mask.bool()].cpu().numpy().tobytes()).hexdigest() for ids, mask in batches))
+    if key not in _SENSITIVITY:
+        _SENSITIVITY[key] = _layer_losses(model, base, batches, num_layers, min_k, max_k, reference)
+    return _SENSITIVITY[key]
+
+
+def _layer_losses(model, base: dict, batches, num_layers: int, min_k: int, max_k: int, reference: int):
     losses = []
     for layer in range(num_layers):
         row = []
@@ -246,11 +256,12 @@ def layer_sensitivity(model, cfg: RoutingConfig, batches, num_layers: int, min_k
 def _null_hash(cal) -> str:
     """sha256 of a calibration's arrays: the same null, the same key."""
     h = hashlib.sha256()
-    for name, array in sorted(cal.arrays().items()):
+    for name, array in sorted(cal.arrays.items()):
         h.update(name.encode() + np.ascontiguousarray(array).tobytes())
     return h.hexdigest()
 
 
+_SENSITIVITY: dict = {}  # in-process cache: (router fingerprint, weighting, reference, tokens) -> losses
 _FITTED: dict = {}  # in-process cache: (router fingerprint, config, tokens) -> (fitted config, info)
 
 

@@ -246,3 +246,26 @@ def test_set_routing_fits_auto_under_the_new_setting(tiny_model_dir, tmp_path, m
     assert lm.routing.nulls[0] is not None and lm.routing_config.alpha == 0.2
     lm.set_routing(alpha=0.05, pvalue="calibrated", calibration="auto")
     assert lm.routing.provenance["status"] == "fitted" and lm.routing.provenance["path"] != first["path"]
+
+
+def test_a_budget_target_with_auto_fits_the_null_at_the_rules_own_knob_first(tiny_model_dir, tmp_path, monkeypatch):
+    """target_k with calibration=auto: the null is fitted under the rule at its own alpha (the fit's starting
+    point; the target cannot route before the null exists), then the target is met with that null; each
+    rule that needs a null (bh/calibrated, lfdr) gets there, and the results name both."""
+    from lm_eval.api.registry import get_model
+
+    from lm_eval_bh.autocal import routed_before_fit
+
+    monkeypatch.setenv("LM_EVAL_BH_CACHE", str(tmp_path))
+    lm = get_model("moe_bh").create_from_arg_string(f"pretrained={tiny_model_dir},dtype=float32,fit_tokens=512",
+                                                    {"device": "cpu"})
+    for selection in ("bh", "lfdr"):
+        lm.set_routing(selection=selection, pvalue="calibrated", calibration="auto", target_k=2.0, max_k=4)
+        prov, budget = lm.routing.provenance, lm.routing.budget
+        assert prov["status"] == "fitted" and prov["under"] == "routing"
+        assert budget["target_k"] == 2.0 and abs(budget["calibration_k"] - 2.0) <= 0.02 * 2.0
+        assert lm.routing_config.fitted_k == budget["calibration_k"]
+    cfg = RoutingConfig(selection="bh", pvalue="calibrated", calibration="auto", target_k=2.0, allocation="sensitivity")
+    start = routed_before_fit(cfg)
+    assert not start.needs_fit and start.alpha == cfg.alpha and start.target_k is None
+    assert start.allocation == "uniform" and routed_before_fit(start) is start

@@ -252,6 +252,12 @@ def test_sensitivity_allocation_for_topk_and_bh(tiny):
     assert bh.layer_k == topk.layer_k and len(bh.layer_knob) == 2
     for mine, target in zip(info["calibration_per_layer"], bh.layer_k):
         assert abs(mine - target) <= 0.02 * target
+    # one sensitivity table serves every rule and target of the process (measured once: layers x k runs)
+    assert info["layer_loss"] is losses
+    other, again = budget.fit_budget(model, tokenizer, RoutingConfig(selection="topk", target_k=1.5,
+                                                                     allocation="sensitivity", temperature=2.0),
+                                     tokens=256, sensitivity_tokens=256)
+    assert again["layer_loss"] is not losses  # another weighting (temperature) is measured anew
 
 
 def test_target_k_and_its_twin_through_lm_eval(tiny_model_dir, task_manager, tmp_path):
