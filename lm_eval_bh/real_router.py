@@ -3,31 +3,34 @@
 ``real`` (lm_eval_bh.real) stores its router logits at a scale of 1e-5, so its softmax is uniform and every
 expert is multiplied by E: exact with all experts, but nothing that reads router probabilities
 (``pvalue=softmax``, ``selection=topp``, entropy or skipping rules) can be studied on it.  ``real-router``
-is the same checkpoint (attention, shared expert, the same 16 neuron groups as experts, Qwen2-MoE with
-``norm_topk_prob=False``) with two things changed per layer, both fitted against the dense model's MLP
-output on real.py's calibration chunks:
+is the same checkpoint (attention, shared expert, embeddings, the same 16 neuron groups as experts with the
+same gate and up projections, Qwen2-MoE with ``norm_topk_prob=False``) with two things changed per layer,
+both fitted against the dense model's MLP output on real.py's calibration chunks:
 
 1. the router logits: real's ridge router (its direction: which experts' outputs are large) at a fitted
    temperature ``tau``, the smallest that makes the softmax clearly non-uniform (median top-1 probability
    ``TARGET_TOP1`` >= 2/E on the calibration tokens);
-2. one output scale ``s_e`` per expert (its down projection is d_e * s_e instead of real's d_e * E),
-   fitted by least squares so that the stock combination sum over the top-k of p_e * s_e * expert_e(x)
-   approximates the dense MLP's sum of all experts, jointly for k in ``FIT_KS``.
+2. the routed experts' down projections, refitted by ridge regression so that the stock combination
+   sum over the top-k of p_e * expert_e(x) approximates the dense MLP's output, jointly for k in ``FIT_KS``
+   (the combination is linear in the down projections: one solve per layer), shrunk towards real's experts
+   with one fitted output scale ``s_e`` each (``RIDGE``).
 
-Why this family.  With ``norm_topk_prob=False`` an expert's weight p_e * s_e does not depend on k, so top-k
-is a truncation of the all-experts sum and one set of scales serves every k; renormalising over the top k
-(``norm_topk_prob=True``) changes every weight with k (about E/k), which no fixed scale fits (its
+Why this family.  With ``norm_topk_prob=False`` an expert's weight p_e does not depend on k, so top-k is a
+truncation of the all-experts sum and one set of experts serves every k; renormalising over the top k
+(``norm_topk_prob=True``) changes every weight with k (about E/k), which no fixed expert fits (its
 layer-wise errors are in the asset's ``layer_errors``).  The sigmoid-scored families (DeepSeek-V3, GLM-4-MoE)
 size their shared expert as a multiple of one routed expert (80 neurons), which ``real``'s 256-neuron
-shared expert is not, and DeepSeek-V3's attention is MLA: the two models would differ outside the router.
+shared expert is not, and DeepSeek-V3's attention is MLA: the two models would differ outside the experts.
 
 Limit (measured, see docs/real-router.md): the dense MLP is the *unweighted* sum of the experts, so any
-token-dependent, non-uniform weighting moves the all-experts output away from it; the fit trades the two.
+token-dependent, non-uniform weighting moves the all-experts output away from it; the refit trades the
+three k's against each other.
 
-The fitted parameters (30 temperatures, 30 x 16 scales) ship in ``assets/real_router.json``, written by
-``scripts/fit_real_router.py``; building applies them to the cached ``real`` checkpoint (seconds once
-``real`` is built).  ``ensure_real_router()`` caches the result like ``real``; ``python -m
-lm_eval_bh.real_router`` prints its folder.
+The router parameters (30 temperatures, 30 x 16 scales) ship in ``assets/real_router.json``, written by
+``scripts/fit_real_router.py``; building applies them to the cached ``real`` checkpoint and refits the down
+projections on ``REFIT_TOKENS`` calibration tokens (float64 solves: deterministic on a machine).
+``ensure_real_router()`` caches the result like ``real``; ``python -m lm_eval_bh.real_router`` prints its
+folder.
 """
 
 from __future__ import annotations
@@ -42,20 +45,26 @@ import torch
 from . import real
 from .errors import UsageError
 
-BUILD_VERSION = "router-v1"  # part of the cache key: bump when the construction changes
+BUILD_VERSION = "router-v2"  # part of the cache key: bump when the construction changes
 TARGET_TOP1 = 0.14            # median top-1 softmax probability per layer (>= 2/E = 0.125 with a margin)
-FIT_KS = (4, 8, 16)           # the top-k values the output scales are fitted for, equally weighted
+FIT_KS = (4, 8, 16)           # the top-k values the scales and down projections are fitted for, equally weighted
+REFIT_TOKENS = 12288          # calibration tokens of the down-projection refit
+RIDGE = 1e-2                  # its penalty towards real's scaled experts, relative to the Gram matrix's mean diagonal
 ASSET = Path(__file__).with_name("assets") / "real_router.json"
 
 
 # ----------------------------------------------------------------------------- the fit (one layer)
+def expert_activations(block, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, E, neurons): each routed expert's activations silu(g x) * (u x), the input of its down projection."""
+    g, u = torch.einsum("nh,eih->nei", x, block.experts.gate_up_proj).chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u
+
+
 @torch.no_grad()
 def expert_outputs(block, x: torch.Tensor) -> torch.Tensor:
     """(tokens, E, hidden): each routed expert of ``real``'s block at weight 1 (real stores d_e * E)."""
     E = block.experts.gate_up_proj.shape[0]
-    h = torch.einsum("nh,eih->nei", x, block.experts.gate_up_proj)
-    g, u = h.chunk(2, dim=-1)
-    return torch.einsum("nei,ehi->neh", torch.nn.functional.silu(g) * u, block.experts.down_proj) / E
+    return torch.einsum("nei,ehi->neh", expert_activations(block, x), block.experts.down_proj) / E
 
 
 def topk_mask(p: torch.Tensor, k: int) -> torch.Tensor:
@@ -161,6 +170,43 @@ def apply_routers(moe, params: dict):
 
 
 @torch.no_grad()
+def refit_layer(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS, ridge: float = RIDGE) -> None:
+    """Refit ``block``'s routed down projections in place: the ridge solution of
+    sum_k E||sum_{top-k} p_e d_e a_e(x) - (target - shared(x))||^2 + lambda ||d - d_0||^2 over all experts' d
+    jointly (the combination is linear in them; d_0: the current, scaled experts; lambda: ``ridge`` times the
+    mean diagonal of the Gram matrix, so the penalty does not depend on the scale of the activations)."""
+    experts = block.experts
+    E, H, I = experts.down_proj.shape
+    a = expert_activations(block, x)
+    logits = block.gate(x)
+    p = (logits[0] if isinstance(logits, tuple) else logits).float().softmax(-1)
+    y = target - torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    gram = torch.zeros(E * I, E * I, dtype=torch.float64)
+    rhs = torch.zeros(E * I, H, dtype=torch.float64)
+    for k in ks:
+        f = ((p * topk_mask(p, k))[:, :, None] * a).reshape(len(x), E * I)
+        gram += (f.T @ f).double()
+        rhs += (f.T @ y).double()
+    d0 = experts.down_proj.permute(0, 2, 1).reshape(E * I, H).double()
+    lam = ridge * gram.diagonal().mean()
+    d = torch.linalg.solve(gram + lam * torch.eye(E * I, dtype=torch.float64), rhs + lam * d0)
+    experts.down_proj.copy_(d.float().reshape(E, I, H).permute(0, 2, 1))
+
+
+@torch.no_grad()
+def refit_down_projections(moe, dense, tokenizer, tokens: int = REFIT_TOKENS, progress: bool = True) -> None:
+    """Every layer of ``moe`` (``real`` with the routers applied) refitted against ``dense``'s MLP outputs on
+    the MLP inputs of the dense model on ``tokens`` calibration tokens (``refit_layer``)."""
+    from tqdm.auto import tqdm
+
+    layers = moe.model.layers
+    xs = real.mlp_inputs(dense, real.calibration_chunks(tokenizer, tokens), len(layers), progress)
+    for i in tqdm(range(len(layers)), desc="refitting experts", disable=not progress):
+        refit_layer(layers[i].mlp, xs[i], dense.model.layers[i].mlp(xs[i]))
+        xs[i] = None  # free each layer's inputs once used
+
+
+@torch.no_grad()
 def router_stats(moe, chunks: torch.Tensor) -> list[dict]:
     """Per layer, on ``chunks``: median top-1 softmax probability and mean entropy (nats) of the router."""
     probs: list[list[torch.Tensor]] = [[] for _ in moe.model.layers]
@@ -184,13 +230,18 @@ def load_params(path: Path = ASSET) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def build_real_router(out_dir, real_dir, params: dict, progress: bool = True) -> Path:
-    """Write ``real-router`` into ``out_dir``: the ``real`` checkpoint in ``real_dir`` with ``params`` applied."""
+def build_real_router(out_dir, real_dir, params: dict, progress: bool = True, dense=None,
+                      refit_tokens: int = REFIT_TOKENS) -> Path:
+    """Write ``real-router`` into ``out_dir``: the ``real`` checkpoint in ``real_dir`` with ``params`` applied and
+    its down projections refitted against the dense model (``dense``: an already loaded ``(model, tokenizer)``
+    from ``real.load_dense``, saves the load in tests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
+    dense_model, tok = dense or real.load_dense(real.find_gguf())
     moe = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).eval()
     apply_routers(moe, params)
+    refit_down_projections(moe, dense_model, tok, refit_tokens, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(str(out))
@@ -198,6 +249,8 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True) ->
     record = json.loads((Path(real_dir) / "lm_eval_bh_real.json").read_text())
     record.update({"build": f"{record['build']}+{BUILD_VERSION}", "router": "softmax, fitted (real_router.py)",
                    "router_params_sha256": _params_hash(params), "target_top1": params["target_top1"],
+                   "refit": {"tokens": int(real.calibration_chunks(tok, refit_tokens).numel()), "ks": list(FIT_KS),
+                             "ridge": RIDGE},
                    "router_build_seconds": round(time.time() - t0, 1)})
     (out / "lm_eval_bh_real.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
@@ -208,9 +261,11 @@ def _params_hash(params: dict) -> str:
 
 
 def default_real_router_dir(params: dict | None = None) -> Path:
-    """``<cache>/real-router-<hash>``: the hash covers ``real``'s cache key and the router parameters."""
+    """``<cache>/real-router-<hash>``: the hash covers ``real``'s cache key, the router parameters and the refit's
+    constants."""
     params = load_params() if params is None else params
-    h = hashlib.sha256(json.dumps([BUILD_VERSION, real.default_real_dir().name, _params_hash(params)]).encode())
+    h = hashlib.sha256(json.dumps([BUILD_VERSION, real.default_real_dir().name, _params_hash(params),
+                                   REFIT_TOKENS, RIDGE, list(FIT_KS)]).encode())
     return real._cache_root() / f"real-router-{h.hexdigest()[:12]}"
 
 

@@ -59,7 +59,7 @@ def main() -> None:
            "router_stats": stats, "uniform": {"top1": 1 / E, "entropy": math.log(E)},
            "median_over_layers": {"median_top1": statistics.median(s["median_top1"] for s in stats),
                                   "mean_entropy": statistics.median(s["mean_entropy"] for s in stats)},
-           "params": json.loads(real_router.ASSET.read_text())["layer_errors"],
+           "build": json.loads((folder / "lm_eval_bh_real.json").read_text()),
            "command": "PYTHONPATH=. python scripts/real_router_check.py --tokens %d" % args.tokens,
            "seconds": round(time.time() - t0, 1)}
     Path(args.out + ".json").write_text(json.dumps(res, indent=1) + "\n")
@@ -78,13 +78,10 @@ def render(res: dict) -> str:
         lines.append(f"| {r['k']} | {r['real_router_ppl']:.1f} | {r['real_router_x_dense']:.2f} | {tgt} | {rp} |")
     u = res["uniform"]
     lines += ["", f"Router softmax per layer at top-4 (uniform: top-1 {u['top1']:.4f}, entropy {u['entropy']:.3f} nats; "
-              f"`real`: uniform to 1e-5)", "", "| layer | median top-1 p | mean entropy (nats) | tau | layer error top-4 / 8 / 16 (real: top-4 / 8) |",
-              "|---|---|---|---|---|"]
+              f"`real`: uniform to 1e-5)", "", "| layer | median top-1 p | mean entropy (nats) | tau |", "|---|---|---|---|"]
     params = json.loads(real_router.ASSET.read_text())
-    for i, (s, e) in enumerate(zip(res["router_stats"], params["layer_errors"])):
-        f, r = e["softmax"], e["real (uniform, x E)"]
-        lines.append(f"| {i} | {s['median_top1']:.3f} | {s['mean_entropy']:.3f} | {params['tau'][i]:.3f} | "
-                     f"{f['4']:.3f} / {f['8']:.3f} / {f['16']:.3f} ({r['4']:.3f} / {r['8']:.3f}) |")
+    for i, s in enumerate(res["router_stats"]):
+        lines.append(f"| {i} | {s['median_top1']:.3f} | {s['mean_entropy']:.3f} | {params['tau'][i]:.3f} |")
     m = res["median_over_layers"]
     lines += ["", f"Median over layers: top-1 {m['median_top1']:.3f}, entropy {m['mean_entropy']:.3f}.", ""]
     return "\n".join(lines)

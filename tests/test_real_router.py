@@ -1,13 +1,13 @@
 """real-router (lm_eval_bh.real_router) on a reduced build with the same code path as the shipped one: the
 first two layers of SmolLM2-135M-Instruct, ``real`` built on 512 calibration tokens, its routers fitted on
-the same tokens.
+the same tokens, its down projections refitted on 2048.
 
 Checked: fitting and building are deterministic; the model differs from ``real`` only in the router and the
-per-expert output scales; its held-out perplexity at all experts / top-8 / top-4 stays within the bounds
+routed experts' down projections; its held-out perplexity at all experts / top-8 / top-4 stays within the bounds
 measured for this reduced build (the issue's targets, 1.15 / 1.5 / 2.5 x dense, are not reachable with
 real's experts: docs/real-router.md); its router is clearly non-uniform (median top-1 probability >= 2/E)
 where ``real``'s is uniform, so a rule that reads probabilities (top-p) picks a variable k on it; the
-fit's two steps solve planted problems exactly; the shipped parameters fit the current ``real`` build;
+fit's three steps solve planted problems exactly; the shipped parameters fit the current ``real`` build;
 it loads through lm-eval as ``moe_bh``.
 """
 
@@ -23,9 +23,10 @@ from conftest import model_digest
 real = pytest.importorskip("lm_eval_bh.real")
 from lm_eval_bh import real_router  # noqa: E402
 
-LAYERS, CAL = 2, 512
-# held-out perplexity / dense of the 2-layer build: measured 4.65 / 4.96 / 5.16, plus 20 %
-BOUNDS = {16: 5.6, 8: 6.0, 4: 6.2}
+LAYERS, CAL, REFIT = 2, 512, 2048
+# held-out perplexity / dense of the 2-layer build (down projections refitted on 2048 tokens): measured
+# 1.40 / 1.71 / 1.94 at all experts / top-8 / top-4, plus 10 % (router-v1, per-expert scales only: 4.65 / 4.96 / 5.16)
+BOUNDS = {16: 1.55, 8: 1.9, 4: 2.15}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,10 @@ def params(dense, real_dir):
 
 
 @pytest.fixture(scope="module")
-def built(real_dir, params, tmp_path_factory):
+def built(dense, real_dir, params, tmp_path_factory):
     """real-router written twice from the same real build and parameters."""
-    return [real_router.build_real_router(tmp_path_factory.mktemp(f"rr_{n}"), real_dir, params, progress=False)
-            for n in "ab"]
+    return [real_router.build_real_router(tmp_path_factory.mktemp(f"rr_{n}"), real_dir, params, progress=False,
+                                          dense=dense, refit_tokens=REFIT) for n in "ab"]
 
 
 def _heldout(tok, tokens=real.CHUNK):
@@ -78,16 +79,15 @@ def test_fit_and_build_are_deterministic(dense, real_dir, params, built):
     assert rec["build"].endswith(real_router.BUILD_VERSION) and rec["layers"] == LAYERS
 
 
-def test_differs_from_real_only_in_router_and_expert_scales(real_dir, built, params):
+def test_differs_from_real_only_in_router_and_down_projections(real_dir, built, params):
     base, rr = _load(real_dir).state_dict(), _load(built[0]).state_dict()
     assert base.keys() == rr.keys()
     changed = sorted(k for k in base if not torch.equal(base[k], rr[k]))
     assert changed == sorted(f"model.layers.{i}.mlp.{p}" for i in range(LAYERS)
                              for p in ("gate.weight", "experts.down_proj"))
-    for i in range(LAYERS):
-        ratio = rr[f"model.layers.{i}.mlp.experts.down_proj"] / base[f"model.layers.{i}.mlp.experts.down_proj"]
-        ratio = ratio.flatten(1).nan_to_num(0).max(1).values  # one scale per expert: s_e / E
-        assert torch.allclose(ratio, torch.tensor(params["scales"][i]) / 16, rtol=1e-5)
+    for i in range(LAYERS):  # the router: real's direction at temperature tau
+        g = f"model.layers.{i}.mlp.gate.weight"
+        assert torch.allclose(rr[g], base[g] * params["tau"][i] / real.ROUTER_SCALE, rtol=1e-5)
 
 
 def test_heldout_perplexity_within_bounds(dense, built):
@@ -122,6 +122,26 @@ def test_router_is_non_uniform_and_topp_varies(dense, real_dir, built):
             rr(input_ids=chunks[:, :128])
     ks = {int(k) for k in routing.summary()["k_histogram"]}
     assert len(ks) > 2 and min(ks) < 8
+
+
+def test_refit_recovers_planted_down_projections(real_dir, dense):
+    """A target that some down projections produce exactly (through the stock top-k combination, all k's) is
+    met by the refit: it finds those projections from others, up to the tiny ridge."""
+    model = _load(real_dir)
+    block = model.model.layers[0].mlp
+    x = real.mlp_inputs(dense[0], real.calibration_chunks(dense[1], REFIT), 1, progress=False)[0]  # > E x neurons rows
+    planted = torch.randn(block.experts.down_proj.shape, generator=torch.Generator().manual_seed(0)) * 0.01
+    with torch.no_grad():
+        block.experts.down_proj.copy_(planted)
+        block.gate.top_k = 16
+        target = block(x.unsqueeze(0)).squeeze(0)
+        block.experts.down_proj.zero_()
+    real_router.refit_layer(block, x, target, ks=(16,), ridge=1e-10)
+    with torch.no_grad():
+        again = block(x.unsqueeze(0)).squeeze(0)
+    assert float((again - target).norm() / target.norm()) < 1e-5  # the target is met
+    # and by the planted projections (up to the conditioning of co-activated neurons)
+    assert float((block.experts.down_proj - planted).abs().max() / planted.abs().max()) < 0.02
 
 
 def test_fit_steps_solve_planted_problems():
