@@ -29,7 +29,7 @@ import torch
 
 from .config import RoutingConfig
 from .corpus import CORPUS, builtin_texts, corpus_hash, token_batches
-from .errors import RoutingError
+from .errors import BudgetUnmet, RoutingError
 from .families import find_moe_layers
 from .patch import BHRouting
 from .routing import SELECTIONS, Knob
@@ -72,7 +72,7 @@ def bisect_knob(mean_k: Callable[[float], float], knob: Knob, target: float, *, 
     a, b = _ends(knob)
     ka, kb = mean_k(_value(knob, a)), mean_k(_value(knob, b))
     if not ka - tol <= target <= kb + tol:
-        raise RoutingError(
+        raise BudgetUnmet(
             f"target_k={target:g} is out of reach of {what}: it reaches mean k {ka:.3g} to {kb:.3g} on the calibration "
             f"text ({knob.param} from {_value(knob, a):g} to {_value(knob, b):g})")
     for t, k in ((a, ka), (b, kb)):
@@ -87,7 +87,7 @@ def bisect_knob(mean_k: Callable[[float], float], knob: Knob, target: float, *, 
             a, ka = m, km
         else:
             b, kb = m, km
-    raise RoutingError(f"target_k={target:g} falls in a jump of {what}'s mean k, from {ka:.3g} to {kb:.3g} at "
+    raise BudgetUnmet(f"target_k={target:g} falls in a jump of {what}'s mean k, from {ka:.3g} to {kb:.3g} at "
                        f"{knob.param}={_value(knob, a):.6g}: no value gives it within {rel_tol:.0%}")
 
 
@@ -111,7 +111,7 @@ def bisect_layers(mean_ks: Callable[[list[float]], list[float]], knob: Knob, tar
     ks_lo, ks_hi = mean_ks([_value(knob, lo)] * n), mean_ks([_value(knob, hi)] * n)
     for i, (target, ka, kb) in enumerate(zip(targets, ks_lo, ks_hi)):
         if not ka - rel_tol * target <= target <= kb + rel_tol * target:
-            raise RoutingError(f"layer {i}'s budget {target:.3g} is out of reach of {what}: that layer reaches mean k "
+            raise BudgetUnmet(f"layer {i}'s budget {target:.3g} is out of reach of {what}: that layer reaches mean k "
                                f"{ka:.3g} to {kb:.3g} on the calibration text ({knob.param} from {_value(knob, lo):g} "
                                f"to {_value(knob, hi):g})")
     a, b = [lo] * n, [hi] * n
@@ -131,7 +131,7 @@ def bisect_layers(mean_ks: Callable[[list[float]], list[float]], knob: Knob, tar
                 a[i], b[i] = lo, hi
             current[i] = 0.5 * (a[i] + b[i])
     worst = max(range(n), key=lambda i: abs(ks[i] - targets[i]) / targets[i])
-    raise RoutingError(f"could not meet the per-layer budget with {what}: layer {worst} stays at mean k "
+    raise BudgetUnmet(f"could not meet the per-layer budget with {what}: layer {worst} stays at mean k "
                        f"{ks[worst]:.3g} against {targets[worst]:.3g} (a jump of its mean k)")
 
 

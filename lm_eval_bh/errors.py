@@ -7,3 +7,8 @@ class RoutingError(ValueError):
 
 class UsageError(Exception):
     """Bad command-line input: printed as one line, exit code 2."""
+
+
+class BudgetUnmet(RoutingError):
+    """A budget (target_k, a per-layer profile) that the rule cannot meet on the calibration text: known only
+    once the model is loaded, so a sweep skips that setting (and its twin) and runs the rest."""

@@ -106,3 +106,23 @@ def test_top_k_at_a_target_and_the_fitted_per_layer_budget_through_the_sweep(tin
     assert matched["top-k acc @ k = target"] == summary["olmoe_bh topk target_k=1.5"]["acc ± se"]
     (win,) = _table(text, "## Winner at each target k")
     assert win["best"] == f"{layer} (layer-k (sensitivity))" and win["Δ vs top-k ± se"] == matched["Δ ± se"]
+
+
+def test_a_budget_the_rule_cannot_meet_skips_that_setting_and_its_twin_and_the_grid_runs_on(tiny_model_dir, tmp_path):
+    """hc cannot reach mean k 3.99 of 4 on the tiny model (known only once fitted): that setting and its twin
+    are skipped with the fit's one-line reason, bh's setting at the same target still runs, the summary
+    leaves the skipped ones out, and the exit code says the grid is incomplete."""
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "lm_eval_bh.cli", "sweep", "--model_args",
+           f"pretrained={tiny_model_dir},dtype=float32,fit_tokens=256", "--tasks", "mmlu_dev_offline",
+           "--include_path", str(ROOT / "tasks"), "--limit", "2", "--device", "cpu", "--bootstrap_iters", "0",
+           "--target_ks", "3.99", "--twins", "--selections", "hc,bh", "--pvalues", "zscore", "--topk", "none",
+           "--output_path", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    skipped = [line for line in p.stderr.splitlines() if line.startswith("sweep: skipped ")]
+    assert skipped[0].startswith("sweep: skipped hc-zscore_K3.99_k1-4: target_k=3.99 is out of reach of selection=hc")
+    assert skipped[1].startswith("sweep: skipped topk_twin-hc-zscore_K3.99_k1-4-") and len(skipped) == 2
+    done = {f.stem for f in out.glob("*.json")}
+    assert "bh-zscore_K3.99_k1-4" in done and not any(s.startswith(("hc-", "topk_twin-hc-")) for s in done)
+    assert not list(out.glob(".*.lock")) and "Traceback" not in p.stderr  # no claim left behind

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import BudgetUnmet, UsageError
 from ..model_args import DEFAULT_PRETRAINED, ROUTING_ARGS
 from ..model_args import parse_model_args as _parse_model_args
 from . import identity as I
@@ -437,16 +437,19 @@ def run(args) -> int:
             evaluate_setting(lm, plan, plan.task_manager, sid, routing, args.device)
 
         with env_info_once():
-            ran, elsewhere = run_claimed(plan.out, todo, plan.identities, evaluate)
+            ran, elsewhere, skipped = run_claimed(plan.out, todo, plan.identities, evaluate)
     print(f"sweep: {len(ran)} setting(s) run here, {len(elsewhere)} by another sweep on this folder", file=sys.stderr)
+    for sid, why in skipped.items():
+        print(f"sweep: skipped {sid}: {why}", file=sys.stderr)
     if not plan.grid:
         return 0
 
     from lm_eval_bh.commands.report import report
 
-    text, _ = report([plan.out / f"{sid}.json" for sid, _ in plan.grid])  # the grid asked for, not other files
+    files = [plan.out / f"{sid}.json" for sid, _ in plan.grid if sid not in skipped]  # the grid asked for
+    text, _ = report(files)
     sys.stdout.write(text)
-    return 0
+    return 1 if skipped else 0
 
 
 def read_flags(args) -> Plan:
@@ -697,10 +700,11 @@ def evaluate_setting(lm, plan: Plan, task_manager, sid: str, routing: dict, devi
     write_atomic(plan.out / f"{sid}.json", results_json(results))
 
 
-def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list[str], list[str]]:
+def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list[str], list[str], dict]:
     """Run each setting of `todo` under its claim; settings another sweep holds are waited for at the
     end, and run here if that sweep died first (a layer-budget twin waits with the setting it reads).
-    Returns (run here, done elsewhere)."""
+    A setting whose budget its rule cannot meet (`BudgetUnmet`, known only once fitted) is skipped with
+    its twin, and the rest of the grid runs. Returns (run here, done elsewhere, {skipped: why})."""
     from tqdm import tqdm
 
     def done(sid):
@@ -709,7 +713,7 @@ def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list
         except (OSError, ValueError):
             return False
 
-    ran, elsewhere, busy = [], [], []
+    ran, elsewhere, busy, skipped = [], [], [], {}
     bar = tqdm(total=len(todo), desc="settings", unit="setting", dynamic_ncols=True)
     try:
         for wait, items in ((False, todo), (True, busy)):
@@ -723,15 +727,20 @@ def run_claimed(out: Path, todo: list, identities: dict, evaluate) -> tuple[list
                         busy.append((sid, routing))
                         continue
                     bar.set_postfix_str(sid)
-                    if done(sid):  # finished by another sweep since this one started
+                    if source in skipped:
+                        skipped[sid] = f"its setting {source} was skipped"
+                    elif done(sid):  # finished by another sweep since this one started
                         elsewhere.append(sid)
                     else:
-                        evaluate(sid, routing)
-                        ran.append(sid)
+                        try:
+                            evaluate(sid, routing)
+                            ran.append(sid)
+                        except BudgetUnmet as e:
+                            skipped[sid] = str(e)
                 bar.update(1)
     finally:
         bar.close()
-    return ran, elsewhere
+    return ran, elsewhere, skipped
 
 
 def _load_model(model_name: str, plan: Plan, device):
