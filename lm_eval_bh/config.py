@@ -22,6 +22,9 @@ __all__ = ["ALLOCATIONS", "MODES", "PVALUES", "SELECTIONS", "RoutingConfig"]
 
 MODES = ("patch", "analyze")
 ALLOCATIONS = ("uniform", "sensitivity")  # how target_k spreads the budget over the layers (lm_eval_bh/budget.py)
+# a target_k's allocation when model_args name none: the fitted per-layer budget beat the uniform one at every
+# target, for top-k and BH alike, on both real-weight models (README, "Which routing wins")
+TARGET_ALLOCATION = "sensitivity"
 
 
 @dataclass(frozen=True)

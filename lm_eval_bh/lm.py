@@ -28,7 +28,7 @@ from .families import config_shape
 from .model_args import DEFAULT_PRETRAINED, LM_ARGS, ROUTING_ARGS, closest_lm_arg
 from .budget import CAL_TOKENS, check_fit_tokens, fit_budget
 from .patch import BHRouting, check_kernel, warm_up_kernel
-from .config import RoutingConfig
+from .config import TARGET_ALLOCATION, RoutingConfig
 
 __all__ = ["MoEBHLM", "OlmoeBHLM", "DEFAULT_PRETRAINED", "routing_table"]
 
@@ -83,7 +83,10 @@ class MoEBHLM(HFLM):
     def __init__(self, pretrained=None, **kwargs):
         if pretrained is None:
             raise RoutingError("moe_bh needs pretrained=<hub id, local path or model>")
-        self.routing_config = RoutingConfig(**{k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs})
+        routing = {k: kwargs.pop(k) for k in ROUTING_ARGS if k in kwargs}
+        if routing.get("target_k") is not None and "allocation" not in routing:
+            routing["allocation"] = TARGET_ALLOCATION
+        self.routing_config = RoutingConfig(**routing)
         # how the router runs (patch.ROUTER_KERNELS; compile_router=true is the older spelling of "compile")
         self._router_kernel = check_kernel(kwargs.pop("router_kernel", None), kwargs.pop("compile_router", None),
                                            self.routing_config)

@@ -264,7 +264,8 @@ def test_target_k_and_its_twin_through_lm_eval(tiny_model_dir, task_manager, tmp
     """`--model moe_bh --model_args pretrained=...,target_k=2`: no calibration step; the results record the
     found alpha, the calibration-text k and the evaluation's achieved k. Its results file then sets the
     budget of its fixed top-k twin (`selection=topk,layer_budget=FILE`), per layer within 0.02."""
-    out = lm_eval.simple_evaluate(model="moe_bh", model_args=f"pretrained={tiny_model_dir},target_k=2,fit_tokens=256",
+    out = lm_eval.simple_evaluate(model="moe_bh", model_args=f"pretrained={tiny_model_dir},target_k=2,fit_tokens=256,"
+                                                             "allocation=uniform",
                                   tasks=["mmlu_dev_offline"], task_manager=task_manager, limit=4, device="cpu")
     block = out["config"]["routing"]
     fit = block["budget"]
@@ -301,3 +302,15 @@ def test_rules_that_read_probabilities_refuse_a_uniform_router(olmoe):
     assert out["mean_experts_per_token"] > 1
     # the stock (fixed top-k) model is left as it was by the refused patches
     assert not any("forward" in layer.mlp.gate.__dict__ for layer in olmoe.model.layers)
+
+
+def test_a_target_without_an_allocation_gets_the_fitted_per_layer_budget(tiny_model_dir, task_manager):
+    """`target_k=K` alone in model_args: allocation=sensitivity (the README's headline evidence), recorded in
+    the results, for the static top-k budget and for BH within it; the per-layer profile holds K x layers."""
+    for selection in ("topk", "bh"):
+        out = lm_eval.simple_evaluate(model="moe_bh", model_args=f"pretrained={tiny_model_dir},selection={selection},"
+                                                                 "target_k=1.5,fit_tokens=256",
+                                      tasks=["mmlu_dev_offline"], task_manager=task_manager, limit=2, device="cpu")
+        block = out["config"]["routing"]
+        assert block["settings"]["allocation"] == "sensitivity" and block["budget"]["allocation"] == "sensitivity"
+        assert sum(block["budget"]["layer_k"]) == 1.5 * len(block["per_layer_mean"]) and block["budget"]["layer_loss"]
