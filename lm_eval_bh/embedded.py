@@ -16,8 +16,9 @@ MODELS = {
     "tiny": "random-weight OLMoE (2 layers, 16 experts, top-4, 0.76 M parameters): plumbing and tests; "
             "chance-level accuracy",
     "real": "Qwen2-MoE (30 layers, 16 experts + shared, top-4) MoEfied from SmolLM2-135M-Instruct's real weights",
-    "real-router": "`real` with a genuine softmax router (fitted by layer-wise distillation, shipped in the wheel): "
-                   "for rules that read router probabilities; builds `real` first",
+    "real-router": "`real` with a genuine softmax router (fitted by layer-wise distillation, shipped in the wheel) "
+                   "and its experts' down projections refitted to it: for rules that read router probabilities; "
+                   "builds `real` first",
 }
 REAL_LIKE = {"real", "real-router"}
 UNTRAINED = {"tiny"}
@@ -51,8 +52,8 @@ def is_built(name: str) -> bool:
 
 def missing(name: str) -> str | None:
     """The install command that building the model still needs here; None when it is built or buildable."""
-    if _check(name) == "tiny" or is_built(name) or (name == "real-router" and is_built("real")):
-        return None  # real-router builds from the cached `real`
+    if _check(name) == "tiny" or is_built(name):
+        return None  # (real-router's refit reads the dense model too: it needs the wheel even once `real` is built)
     from .real import INSTALL_HINT, find_gguf
 
     try:
