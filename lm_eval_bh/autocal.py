@@ -19,12 +19,11 @@ text's hash, its token ids, the token count and the routing setting.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import hashlib
 import json
 import os
 import time
+from dataclasses import replace
 from typing import Iterable
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from .calibration import (ARRAYS, VERSION, Calibration, NullSampler, layers_fingerprint, read_calibration,
                           save_calibration, source_kind)
 from .config import RoutingConfig
-from .corpus import CORPUS, builtin_texts, corpus_hash, read_texts, token_batches
+from .corpus import CORPUS, builtin_texts, corpus_hash, read_texts, token_batches, token_ids_hash
 from .errors import RoutingError, UsageError
 from .families import find_moe_layers
 from .patch import BHRouting
@@ -282,12 +281,9 @@ def resolve(model: torch.nn.Module, tokenizer, cfg: RoutingConfig, *, tokens: in
     layers = find_moe_layers(model)
     max_length = min(MAX_LENGTH, getattr(getattr(model, "config", None), "max_position_embeddings", None) or MAX_LENGTH)
     batches = _take(token_batches(tokenizer, texts, max_length, BATCH_SIZE), tokens)
-    ids = hashlib.sha256()
-    for b, m in batches:
-        ids.update(b[m.bool()].numpy().astype("<i8").tobytes())
     under = None if cfg.mode == "analyze" else routed_before_fit(cfg)
     key = {"source": source, "format": VERSION, "router_fingerprint": layers_fingerprint(layers),
-           "corpus_sha256": corpus_hash(texts), "token_ids_sha256": ids.hexdigest(),
+           "corpus_sha256": corpus_hash(texts), "token_ids_sha256": token_ids_hash(batches),
            "tokens": sum(int(m.sum()) for _, m in batches), "max_length": max_length, "samples": SAMPLES,
            "under": "stock" if under is None else _routing_key(under, layers)}
     path = cache_path(key)

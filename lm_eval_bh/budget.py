@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .config import RoutingConfig
-from .corpus import CORPUS, builtin_texts, corpus_hash, token_batches
+from .corpus import CORPUS, builtin_texts, corpus_hash, token_batches, token_ids_hash
 from .errors import BudgetUnmet, RoutingError
 from .families import find_moe_layers
 from .patch import BHRouting
@@ -234,8 +234,7 @@ def layer_sensitivity(model, cfg: RoutingConfig, batches, num_layers: int, min_k
 
     base = {"selection": "topk", "min_k": min_k, "max_k": max_k, "temperature": cfg.temperature,
             "renormalize": cfg.renormalize}
-    key = (layers_fingerprint(find_moe_layers(model)), tuple(sorted(base.items())), reference,
-           tuple(hashlib.sha256(ids[mask.bool()].cpu().numpy().tobytes()).hexdigest() for ids, mask in batches))
+    key = (layers_fingerprint(find_moe_layers(model)), tuple(sorted(base.items())), reference, token_ids_hash(batches))
     if key not in _SENSITIVITY:
         _SENSITIVITY[key] = _layer_losses(model, base, batches, num_layers, min_k, max_k, reference)
     return _SENSITIVITY[key]

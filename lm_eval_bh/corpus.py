@@ -70,6 +70,15 @@ def corpus_hash(texts: Iterable[str]) -> str:
     return h.hexdigest()
 
 
+def token_ids_hash(batches) -> str:
+    """sha256 of the real tokens (attention mask 1) of (input_ids, attention_mask) batches, as int64 little-endian:
+    the same tokens in the same order, the same hash, whatever the padding."""
+    h = hashlib.sha256()
+    for ids, mask in batches:
+        h.update(ids[mask.bool()].cpu().numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
 def token_batches(tokenizer, texts: Iterable[str], max_length: int, batch_size: int):
     """(input_ids, attention_mask) batches, right-padded, documents cut into windows of max_length tokens
     (longest first, so batches waste little padding)."""

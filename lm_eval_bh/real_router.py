@@ -144,11 +144,12 @@ def fit_routers(moe, dense, tokenizer, cal_tokens: int = real.CAL_TOKENS, progre
     from tqdm.auto import tqdm
 
     layers = moe.config.num_hidden_layers
-    xs = real.mlp_inputs(dense, real.calibration_chunks(tokenizer, cal_tokens), layers, progress)
+    chunks = real.calibration_chunks(tokenizer, cal_tokens)
+    xs = real.mlp_inputs(dense, chunks, layers, progress)
     fits = [fit_layer(moe.model.layers[i].mlp, xs[i], target_top1)
             for i in tqdm(range(layers), desc="fitting routers", disable=not progress)]
     return {"build": BUILD_VERSION, "target_top1": target_top1, "fit_ks": list(FIT_KS),
-            "calibration_tokens": int(real.calibration_chunks(tokenizer, cal_tokens).numel()),
+            "calibration_tokens": int(chunks.numel()),
             "tau": [f["tau"] for f in fits], "scales": [f["scales"] for f in fits],
             "layer_errors": [f["errors"] for f in fits]}
 
@@ -194,16 +195,19 @@ def refit_layer(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS, ridge: 
 
 
 @torch.no_grad()
-def refit_down_projections(moe, dense, tokenizer, tokens: int = REFIT_TOKENS, progress: bool = True) -> None:
+def refit_down_projections(moe, dense, tokenizer, tokens: int = REFIT_TOKENS, progress: bool = True) -> int:
     """Every layer of ``moe`` (``real`` with the routers applied) refitted against ``dense``'s MLP outputs on
-    the MLP inputs of the dense model on ``tokens`` calibration tokens (``refit_layer``)."""
+    the MLP inputs of the dense model on ``tokens`` calibration tokens (``refit_layer``); returns the number of
+    tokens fitted on (whole chunks)."""
     from tqdm.auto import tqdm
 
     layers = moe.model.layers
-    xs = real.mlp_inputs(dense, real.calibration_chunks(tokenizer, tokens), len(layers), progress)
+    chunks = real.calibration_chunks(tokenizer, tokens)
+    xs = real.mlp_inputs(dense, chunks, len(layers), progress)
     for i in tqdm(range(len(layers)), desc="refitting experts", disable=not progress):
         refit_layer(layers[i].mlp, xs[i], dense.model.layers[i].mlp(xs[i]))
         xs[i] = None  # free each layer's inputs once used
+    return int(chunks.numel())
 
 
 @torch.no_grad()
@@ -241,7 +245,7 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True, de
     dense_model, tok = dense or real.load_dense(real.find_gguf())
     moe = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).eval()
     apply_routers(moe, params)
-    refit_down_projections(moe, dense_model, tok, refit_tokens, progress)
+    fitted_tokens = refit_down_projections(moe, dense_model, tok, refit_tokens, progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(str(out))
@@ -249,7 +253,7 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True, de
     record = json.loads((Path(real_dir) / "lm_eval_bh_real.json").read_text())
     record.update({"build": f"{record['build']}+{BUILD_VERSION}", "router": "softmax, fitted (real_router.py)",
                    "router_params_sha256": _params_hash(params), "target_top1": params["target_top1"],
-                   "refit": {"tokens": int(real.calibration_chunks(tok, refit_tokens).numel()), "ks": list(FIT_KS),
+                   "refit": {"tokens": fitted_tokens, "ks": list(FIT_KS),
                              "ridge": RIDGE},
                    "router_build_seconds": round(time.time() - t0, 1)})
     (out / "lm_eval_bh_real.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
