@@ -171,11 +171,10 @@ def apply_routers(moe, params: dict):
 
 
 @torch.no_grad()
-def refit_layer(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS, ridge: float = RIDGE) -> None:
-    """Refit ``block``'s routed down projections in place: the ridge solution of
-    sum_k E||sum_{top-k} p_e d_e a_e(x) - (target - shared(x))||^2 + lambda ||d - d_0||^2 over all experts' d
-    jointly (the combination is linear in them; d_0: the current, scaled experts; lambda: ``ridge`` times the
-    mean diagonal of the Gram matrix, so the penalty does not depend on the scale of the activations)."""
+def down_normal_equations(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Gram matrix, right-hand side), float64, of the least-squares problem
+    sum_k E||sum_{top-k} p_e d_e a_e(x) - (target - shared(x))||^2 over all of ``block``'s routed down projections d
+    jointly (the combination is linear in them).  Problems on other inputs add up: sum their terms."""
     experts = block.experts
     E, H, I = experts.down_proj.shape
     a = expert_activations(block, x)
@@ -188,10 +187,26 @@ def refit_layer(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS, ridge: 
         f = ((p * topk_mask(p, k))[:, :, None] * a).reshape(len(x), E * I)
         gram += (f.T @ f).double()
         rhs += (f.T @ y).double()
+    return gram, rhs
+
+
+@torch.no_grad()
+def solve_down(block, gram: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDGE) -> None:
+    """Set ``block``'s routed down projections to the ridge solution of (``gram``, ``rhs``), shrunk towards the
+    current ones (d_0) with penalty lambda ||d - d_0||^2, lambda = ``ridge`` times the mean diagonal of the Gram
+    matrix, so the penalty does not depend on the scale of the activations."""
+    experts = block.experts
+    E, H, I = experts.down_proj.shape
     d0 = experts.down_proj.permute(0, 2, 1).reshape(E * I, H).double()
     lam = ridge * gram.diagonal().mean()
     d = torch.linalg.solve(gram + lam * torch.eye(E * I, dtype=torch.float64), rhs + lam * d0)
     experts.down_proj.copy_(d.float().reshape(E, I, H).permute(0, 2, 1))
+
+
+def refit_layer(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS, ridge: float = RIDGE) -> None:
+    """Refit ``block``'s routed down projections in place on one set of inputs ``x`` for every k in ``ks``
+    (``down_normal_equations``, then ``solve_down``)."""
+    solve_down(block, *down_normal_equations(block, x, target, ks), ridge)
 
 
 @torch.no_grad()

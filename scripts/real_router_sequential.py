@@ -68,18 +68,12 @@ with torch.no_grad():
             r = attn_part(layer, hh)
             rs[key] = r
             xs[key] = layer.post_attention_layernorm(r).reshape(-1, H)
-        gram = torch.zeros(E * I, E * I, dtype=torch.float64); rhs = torch.zeros(E * I, H, dtype=torch.float64)
+        gram, rhs = 0, 0
         for k in KS:
             x = xs[k] if MODE != "dense" else xs["d"]
-            a = rr.expert_activations(block, x)
-            lg = block.gate(x); p = (lg[0] if isinstance(lg, tuple) else lg).float().softmax(-1)
-            y = dense.model.layers[i].mlp(x) - torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-            f = ((p * rr.topk_mask(p, k))[:, :, None] * a).reshape(len(x), E * I)
-            gram += (f.T @ f).double(); rhs += (f.T @ y).double()
-        d0 = block.experts.down_proj.permute(0, 2, 1).reshape(E * I, H).double()
-        lam = RIDGE * gram.diagonal().mean()
-        d = torch.linalg.solve(gram + lam * torch.eye(E * I, dtype=torch.float64), rhs + lam * d0)
-        block.experts.down_proj.copy_(d.float().reshape(E, I, H).permute(0, 2, 1))
+            g, r = rr.down_normal_equations(block, x, dense.model.layers[i].mlp(x), (k,))
+            gram, rhs = gram + g, rhs + r
+        rr.solve_down(block, gram, rhs, RIDGE)
         for key in hs:
             x = xs[key]
             if MODE == "dense":
