@@ -13,7 +13,11 @@ both fitted against the dense model's MLP output on real.py's calibration chunks
 2. the routed experts' down projections, refitted by ridge regression so that the stock combination
    sum over the top-k of p_e * expert_e(x) approximates the dense MLP's output, jointly for k in ``FIT_KS``
    (the combination is linear in the down projections: one solve per layer), shrunk towards real's experts
-   with one fitted output scale ``s_e`` each (``RIDGE``).
+   with one fitted output scale ``s_e`` each (``RIDGE``).  The fit is sequential (GPTQ-style,
+   ``refit_sequentially``): layer l is fitted on the inputs the routed model itself produces at each k, layers
+   before it already converted, and its target also steers half (``CORRECTION``) of the accumulated gap
+   back towards the dense model's residual stream.  The dense MLP is ``real``'s own all-experts sum, so the
+   build needs only ``real``.
 
 Why this family.  With ``norm_topk_prob=False`` an expert's weight p_e does not depend on k, so top-k is a
 truncation of the all-experts sum and one set of experts serves every k; renormalising over the top k
@@ -24,7 +28,7 @@ shared expert is not, and DeepSeek-V3's attention is MLA: the two models would d
 
 Limit (measured, see docs/real-router.md): the dense MLP is the *unweighted* sum of the experts, so any
 token-dependent, non-uniform weighting moves the all-experts output away from it; the refit trades the
-three k's against each other.
+three k's against each other, and the experts' gate and up projections stay real's.
 
 The router parameters (30 temperatures, 30 x 16 scales) ship in ``assets/real_router.json``, written by
 ``scripts/fit_real_router.py``; building applies them to the cached ``real`` checkpoint and refits the down
@@ -45,10 +49,12 @@ import torch
 from . import real
 from .errors import UsageError
 
-BUILD_VERSION = "router-v2"  # part of the cache key: bump when the construction changes
+BUILD_VERSION = "router-v3"  # part of the cache key: bump when the construction changes
+ROUTER_VERSION = "router-v2"  # the fit of the shipped router parameters (assets/real_router.json)
 TARGET_TOP1 = 0.14            # median top-1 softmax probability per layer (>= 2/E = 0.125 with a margin)
 FIT_KS = (4, 8, 16)           # the top-k values the scales and down projections are fitted for, equally weighted
 REFIT_TOKENS = 12288          # calibration tokens of the down-projection refit
+CORRECTION = 0.5              # share of the accumulated gap to the dense stream each layer's refit steers back
 RIDGE = 1e-2                  # its penalty towards real's scaled experts, relative to the Gram matrix's mean diagonal
 ASSET = Path(__file__).with_name("assets") / "real_router.json"
 
@@ -148,45 +154,57 @@ def fit_routers(moe, dense, tokenizer, cal_tokens: int = real.CAL_TOKENS, progre
     xs = real.mlp_inputs(dense, chunks, layers, progress)
     fits = [fit_layer(moe.model.layers[i].mlp, xs[i], target_top1)
             for i in tqdm(range(layers), desc="fitting routers", disable=not progress)]
-    return {"build": BUILD_VERSION, "target_top1": target_top1, "fit_ks": list(FIT_KS),
+    return {"build": ROUTER_VERSION, "target_top1": target_top1, "fit_ks": list(FIT_KS),
             "calibration_tokens": int(chunks.numel()),
             "tau": [f["tau"] for f in fits], "scales": [f["scales"] for f in fits],
             "layer_errors": [f["errors"] for f in fits]}
 
 
-@torch.no_grad()
-def apply_routers(moe, params: dict):
-    """``moe`` (a loaded ``real`` checkpoint) turned into ``real-router`` in place: logits x tau / ROUTER_SCALE,
-    expert e's down projection x s_e / E.  float32 products of fixed numbers: deterministic."""
+def apply_router(block, tau: float, scales) -> None:
+    """One of ``real``'s MoE blocks given the fitted router in place: logits x tau / ROUTER_SCALE, expert e's down
+    projection x s_e / E (float32 products of fixed numbers: deterministic)."""
+    with torch.no_grad():
+        block.gate.weight.mul_(torch.tensor(tau / real.ROUTER_SCALE, dtype=torch.float32))
+        block.experts.down_proj.mul_(torch.tensor(scales, dtype=torch.float32).div(len(scales))[:, None, None])
+
+
+def check_params(moe, params: dict) -> None:
     layers = moe.model.layers
     if len(params["tau"]) != len(layers) or any(len(s) != moe.config.num_experts for s in params["scales"]):
         raise UsageError(f"router parameters for {len(params['tau'])} layers do not fit this {len(layers)}-layer "
                          f"real model; refit them with scripts/fit_real_router.py")
-    E = moe.config.num_experts
-    for layer, tau, scales in zip(layers, params["tau"], params["scales"]):
-        block = layer.mlp
-        block.gate.weight.mul_(torch.tensor(tau / real.ROUTER_SCALE, dtype=torch.float32))
-        block.experts.down_proj.mul_(torch.tensor(scales, dtype=torch.float32).div(E)[:, None, None])
-    return moe
+
+
+def shared_output(block, x: torch.Tensor) -> torch.Tensor:
+    """The shared expert's gated output: the part of the MoE block's output that routing does not touch."""
+    return torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+def router_probs(block, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, E): the block's softmax router probabilities at ``x``."""
+    logits = block.gate(x)
+    return (logits[0] if isinstance(logits, tuple) else logits).float().softmax(-1)
 
 
 @torch.no_grad()
-def down_normal_equations(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS) -> tuple[torch.Tensor, torch.Tensor]:
+def down_normal_equations(p: torch.Tensor, a: torch.Tensor, y: torch.Tensor, ks=FIT_KS) -> tuple[torch.Tensor, torch.Tensor]:
     """(Gram matrix, right-hand side), float64, of the least-squares problem
-    sum_k E||sum_{top-k} p_e d_e a_e(x) - (target - shared(x))||^2 over all of ``block``'s routed down projections d
-    jointly (the combination is linear in them).  Problems on other inputs add up: sum their terms."""
-    experts = block.experts
-    E, H, I = experts.down_proj.shape
-    a = expert_activations(block, x)
-    logits = block.gate(x)
-    p = (logits[0] if isinstance(logits, tuple) else logits).float().softmax(-1)
-    y = target - torch.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+    sum_k E||sum_{top-k} p_e d_e a_e - y||^2 over all routed down projections d jointly (the combination is linear
+    in them): ``p`` (tokens, E) router probabilities, ``a`` (tokens, E, neurons) the experts' activations
+    (``expert_activations``), ``y`` (tokens, hidden) the routed experts' target (the MLP target minus
+    ``shared_output``).  Expert e's rows only sum over the tokens that selected it: at top-k the products cost
+    k/E of the dense Gram matrix's.  Problems on other inputs add up: sum their terms."""
+    n, E, I = a.shape
     gram = torch.zeros(E * I, E * I, dtype=torch.float64)
-    rhs = torch.zeros(E * I, H, dtype=torch.float64)
+    rhs = torch.zeros(E * I, y.shape[1], dtype=torch.float64)
     for k in ks:
-        f = ((p * topk_mask(p, k))[:, :, None] * a).reshape(len(x), E * I)
-        gram += (f.T @ f).double()
-        rhs += (f.T @ y).double()
+        w = p * topk_mask(p, k)
+        f = w[:, :, None] * a
+        for e in range(E):
+            rows = w[:, e].nonzero().squeeze(1)
+            fe = f[rows]
+            gram[e * I:(e + 1) * I] += (fe[:, e].T @ fe.reshape(len(rows), E * I)).double()
+            rhs[e * I:(e + 1) * I] += (fe[:, e].T @ y[rows]).double()
     return gram, rhs
 
 
@@ -203,25 +221,102 @@ def solve_down(block, gram: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDG
     experts.down_proj.copy_(d.float().reshape(E, I, H).permute(0, 2, 1))
 
 
-def refit_layer(block, x: torch.Tensor, target: torch.Tensor, ks=FIT_KS, ridge: float = RIDGE) -> None:
-    """Refit ``block``'s routed down projections in place on one set of inputs ``x`` for every k in ``ks``
-    (``down_normal_equations``, then ``solve_down``)."""
-    solve_down(block, *down_normal_equations(block, x, target, ks), ridge)
+# ----------------------------------------------------------------------------- the sequential refit
+class _Captured(Exception):
+    pass
 
 
 @torch.no_grad()
-def refit_down_projections(moe, dense, tokenizer, tokens: int = REFIT_TOKENS, progress: bool = True) -> int:
-    """Every layer of ``moe`` (``real`` with the routers applied) refitted against ``dense``'s MLP outputs on
-    the MLP inputs of the dense model on ``tokens`` calibration tokens (``refit_layer``); returns the number of
-    tokens fitted on (whole chunks)."""
+def decoder_inputs(model, chunks: torch.Tensor, batch: int = 16) -> list[tuple[torch.Tensor, dict]]:
+    """Per batch of ``chunks``: (the first decoder layer's hidden states, the keyword arguments the model passes
+    every decoder layer), captured from the model's own forward, so the attention mask and position embeddings
+    follow its attention implementation."""
+    out = []
+
+    def capture(module, args, kwargs):
+        kwargs = dict(kwargs)
+        out.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise _Captured
+
+    hook = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        for rows in chunks.split(batch):
+            try:
+                model.model(input_ids=rows, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        hook.remove()
+    return out
+
+
+@torch.no_grad()
+def attention_half(layer, h: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual stream after attention, MLP input) of a Qwen2-MoE decoder layer: its forward up to the MLP, as
+    ``Qwen2MoeDecoderLayer.forward`` computes it (the tests check the whole layer against the model's own)."""
+    attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(h), **kwargs)
+    residual = h + attn
+    return residual, layer.post_attention_layernorm(residual)
+
+
+@torch.no_grad()
+def moe_at_k(block, x: torch.Tensor, k: int) -> torch.Tensor:
+    """The block's own forward with its router keeping the top ``k`` experts."""
+    stock, block.gate.top_k = block.gate.top_k, k
+    try:
+        return block(x)
+    finally:
+        block.gate.top_k = stock
+
+
+@torch.no_grad()
+def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS, ks=FIT_KS, ridge: float = RIDGE,
+                       correction: float = CORRECTION, sequential: bool = True, progress: bool = True) -> int:
+    """``moe`` (a loaded ``real`` checkpoint) turned into ``real-router`` in place, layer by layer (GPTQ-style).
+
+    Layer l's MLP inputs are those the *routed* model produces at top-k for each k in ``ks``, layers < l already
+    converted (the error an evaluated model compounds is what the fit sees).  The target at those inputs is the
+    dense MLP's output, which is ``real``'s own all-experts sum before the conversion (``real`` is exact with all
+    experts, so the dense model is not needed), plus ``correction`` times the gap between the dense model's
+    residual stream and the routed one's with this layer's MLP dense (1: steer back onto the dense stream).
+    Then the layer's router is applied (``apply_router``) and its routed down projections refitted for all ``ks``
+    jointly (``down_normal_equations``, ``solve_down``).  ``sequential=False`` fits every k on the dense model's
+    inputs instead (router-v2).  Returns the number of tokens fitted on (whole chunks)."""
     from tqdm.auto import tqdm
 
-    layers = moe.model.layers
+    check_params(moe, params)
     chunks = real.calibration_chunks(tokenizer, tokens)
-    xs = real.mlp_inputs(dense, chunks, len(layers), progress)
+    batches = decoder_inputs(moe, chunks)
+    fit_on = {k: k if sequential else "dense" for k in ks}  # the stream each k's problem is posed on
+    need_dense = correction > 0 or not sequential
+    names = (("dense",) if need_dense else ()) + (tuple(ks) if sequential else ())
+    streams = {s: [h for h, _ in batches] for s in names}  # hidden states per batch: dense, and routed per k
+    layers = moe.model.layers
     for i in tqdm(range(len(layers)), desc="refitting experts", disable=not progress):
-        refit_layer(layers[i].mlp, xs[i], dense.model.layers[i].mlp(xs[i]))
-        xs[i] = None  # free each layer's inputs once used
+        layer, block = layers[i], layers[i].mlp
+        halves = {s: [attention_half(layer, h, kw) for h, (_, kw) in zip(hs, batches)] for s, hs in streams.items()}
+        flat = {s: [torch.cat(t).flatten(0, -2) for t in zip(*hv)] for s, hv in halves.items()}  # residual, input
+        acts = {s: expert_activations(block, x) for s, (_, x) in flat.items()}  # the conversion keeps gate and up
+        # real, still unconverted, with all experts: the dense MLP's routed part
+        dense_mlp = {s: torch.einsum("nei,ehi->nh", a, block.experts.down_proj) / len(block.experts.down_proj)
+                     for s, a in acts.items()}
+        if need_dense:
+            residual, x = flat["dense"]
+            dense_next = residual + dense_mlp["dense"] + shared_output(block, x)
+        apply_router(block, params["tau"][i], params["scales"][i])
+        gram, rhs = 0, 0
+        for k in ks:
+            residual, x = flat[fit_on[k]]
+            y = dense_mlp[fit_on[k]]
+            if correction and sequential:
+                y = y + correction * (dense_next - residual - shared_output(block, x) - y)
+            g, r = down_normal_equations(router_probs(block, x), acts[fit_on[k]], y, (k,))
+            gram, rhs = gram + g, rhs + r
+        solve_down(block, gram, rhs, ridge)
+        if need_dense:
+            sizes = [h.shape[:-1].numel() for h in streams["dense"]]
+            streams["dense"] = [d.view_as(h) for d, h in zip(dense_next.split(sizes), streams["dense"])]
+        streams.update({k: [res + moe_at_k(block, x, k) for res, x in halves[k]] for k in ks if sequential})
     return int(chunks.numel())
 
 
@@ -249,27 +344,26 @@ def load_params(path: Path = ASSET) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def build_real_router(out_dir, real_dir, params: dict, progress: bool = True, dense=None,
+def build_real_router(out_dir, real_dir, params: dict, progress: bool = True,
                       refit_tokens: int = REFIT_TOKENS) -> Path:
-    """Write ``real-router`` into ``out_dir``: the ``real`` checkpoint in ``real_dir`` with ``params`` applied and
-    its down projections refitted against the dense model (``dense``: an already loaded ``(model, tokenizer)``
-    from ``real.load_dense``, saves the load in tests)."""
+    """Write ``real-router`` into ``out_dir``: the ``real`` checkpoint in ``real_dir`` converted by
+    ``refit_sequentially`` (``params`` applied, down projections refitted).  Needs only ``real``: not the dense
+    model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.time()
-    dense_model, tok = dense or real.load_dense(real.find_gguf())
+    tok = AutoTokenizer.from_pretrained(real_dir)
     moe = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).eval()
-    apply_routers(moe, params)
-    fitted_tokens = refit_down_projections(moe, dense_model, tok, refit_tokens, progress)
+    fitted_tokens = refit_sequentially(moe, params, tok, refit_tokens, progress=progress)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(str(out))
-    AutoTokenizer.from_pretrained(real_dir).save_pretrained(str(out))
+    tok.save_pretrained(str(out))
     record = json.loads((Path(real_dir) / "lm_eval_bh_real.json").read_text())
     record.update({"build": f"{record['build']}+{BUILD_VERSION}", "router": "softmax, fitted (real_router.py)",
                    "router_params_sha256": _params_hash(params), "target_top1": params["target_top1"],
-                   "refit": {"tokens": fitted_tokens, "ks": list(FIT_KS),
-                             "ridge": RIDGE},
+                   "refit": {"tokens": fitted_tokens, "ks": list(FIT_KS), "ridge": RIDGE, "inputs": "sequential",
+                             "correction": CORRECTION},
                    "router_build_seconds": round(time.time() - t0, 1)})
     (out / "lm_eval_bh_real.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
@@ -284,7 +378,7 @@ def default_real_router_dir(params: dict | None = None) -> Path:
     constants."""
     params = load_params() if params is None else params
     h = hashlib.sha256(json.dumps([BUILD_VERSION, real.default_real_dir().name, _params_hash(params),
-                                   REFIT_TOKENS, RIDGE, list(FIT_KS)]).encode())
+                                   REFIT_TOKENS, RIDGE, CORRECTION, list(FIT_KS)]).encode())
     return real._cache_root() / f"real-router-{h.hexdigest()[:12]}"
 
 

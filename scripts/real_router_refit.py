@@ -1,0 +1,54 @@
+"""Ablations of real-router's down-projection refit (lm_eval_bh.real_router.refit_sequentially), full model.
+
+    PYTHONPATH=. python scripts/real_router_refit.py [--inputs sequential|dense] [--tokens 12288]
+                                                    [--ridge 0.01] [--correction 0.0]
+
+Converts the cached ``real`` in memory with the shipped router parameters and the given refit settings
+(``--inputs dense`` is router-v2: every layer fitted on the dense model's MLP inputs), then appends one JSON
+line to results/real/real_router_refit.jsonl: held-out perplexity (1,024 odd-chunk tokens) x dense at top-2/4/8/16,
+in-sample (the first 1,024 calibration tokens) at 4/8/16, and the seconds the refit took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+
+from lm_eval_bh import real, real_router
+from lm_eval_bh.patch import BHRouting
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--inputs", choices=["sequential", "dense"], default="sequential")
+    ap.add_argument("--tokens", type=int, default=real_router.REFIT_TOKENS)
+    ap.add_argument("--ridge", type=float, default=real_router.RIDGE)
+    ap.add_argument("--correction", type=float, default=real_router.CORRECTION)
+    ap.add_argument("--out", default="results/real/real_router_refit.jsonl")
+    args = ap.parse_args()
+    from transformers import AutoModelForCausalLM
+
+    dense, tok = real.load_dense(real.find_gguf())
+    moe = AutoModelForCausalLM.from_pretrained(real.ensure_real(), dtype=torch.float32).eval()
+    t0 = time.time()
+    tokens = real_router.refit_sequentially(moe, real_router.load_params(), tok, args.tokens, ridge=args.ridge,
+                                            correction=args.correction, sequential=args.inputs == "sequential")
+    row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge, "correction": args.correction,
+           "refit_s": round(time.time() - t0), "torch": torch.__version__}
+    for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
+                             ("in_sample", real.calibration_chunks(tok, 1024), (4, 8, 16))):
+        dense_ppl = math.exp(real.heldout_nll(dense, chunks))
+        for k in ks:
+            with BHRouting(min_k=k, max_k=k).patch(moe):
+                row[f"{name}_{k}"] = round(math.exp(real.heldout_nll(moe, chunks)) / dense_ppl, 3)
+    print(json.dumps(row))
+    with open(args.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
