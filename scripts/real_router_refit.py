@@ -37,7 +37,7 @@ def main() -> None:
     t0 = time.time()
     tokens = real_router.refit_sequentially(moe, real_router.load_params(), tok, args.tokens, ridge=args.ridge,
                                             correction=args.correction, sequential=args.inputs == "sequential")
-    row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge, "correction": args.correction,
+    row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge, "correction": args.correction if args.inputs == "sequential" else None,
            "refit_s": round(time.time() - t0), "torch": torch.__version__}
     for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
                              ("in_sample", real.calibration_chunks(tok, 1024), (4, 8, 16))):
