@@ -194,7 +194,7 @@ def down_normal_equations(p: torch.Tensor, a: torch.Tensor, y: torch.Tensor, ks=
     (``expert_activations``), ``y`` (tokens, hidden) the routed experts' target (the MLP target minus
     ``shared_output``).  Expert e's rows only sum over the tokens that selected it: at top-k the products cost
     k/E of the dense Gram matrix's.  Problems on other inputs add up: sum their terms."""
-    n, E, I = a.shape
+    _, E, I = a.shape
     gram = torch.zeros(E * I, E * I, dtype=torch.float64)
     rhs = torch.zeros(E * I, y.shape[1], dtype=torch.float64)
     for k in ks:
