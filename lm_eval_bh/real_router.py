@@ -55,6 +55,7 @@ TARGET_TOP1 = 0.14            # median top-1 softmax probability per layer (>= 2
 FIT_KS = (4, 8, 16)           # the top-k values the scales and down projections are fitted for, equally weighted
 REFIT_TOKENS = 12288          # calibration tokens of the down-projection refit
 CORRECTION = 0.5              # share of the accumulated gap to the dense stream each layer's refit steers back
+BATCH = 16                    # calibration chunks per forward of the refit
 RIDGE = 1e-2                  # its penalty towards real's scaled experts, relative to the Gram matrix's mean diagonal
 ASSET = Path(__file__).with_name("assets") / "real_router.json"
 
@@ -227,15 +228,16 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def decoder_inputs(model, chunks: torch.Tensor, batch: int = 16) -> list[tuple[torch.Tensor, dict]]:
-    """Per batch of ``chunks``: (the first decoder layer's hidden states, the keyword arguments the model passes
-    every decoder layer), captured from the model's own forward, so the attention mask and position embeddings
-    follow its attention implementation."""
-    out = []
+def decoder_inputs(model, chunks: torch.Tensor, batch: int = BATCH) -> tuple[torch.Tensor, list[dict]]:
+    """(the first decoder layer's hidden states for all ``chunks``, per batch of ``batch`` chunks the keyword
+    arguments the model passes every decoder layer), captured from the model's own forward, so the attention
+    mask and position embeddings follow its attention implementation."""
+    hidden, kwargs = [], []
 
-    def capture(module, args, kwargs):
-        kwargs = dict(kwargs)
-        out.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+    def capture(module, args, kw):
+        kw = dict(kw)
+        hidden.append(args[0] if args else kw.pop("hidden_states"))
+        kwargs.append(kw)
         raise _Captured
 
     hook = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
@@ -247,7 +249,7 @@ def decoder_inputs(model, chunks: torch.Tensor, batch: int = 16) -> list[tuple[t
                 pass
     finally:
         hook.remove()
-    return out
+    return torch.cat(hidden), kwargs
 
 
 @torch.no_grad()
@@ -286,27 +288,29 @@ def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS,
 
     check_params(moe, params)
     chunks = real.calibration_chunks(tokenizer, tokens)
-    batches = decoder_inputs(moe, chunks)
+    hidden, kwargs = decoder_inputs(moe, chunks, BATCH)
     fit_on = {k: k if sequential else "dense" for k in ks}  # the stream each k's problem is posed on
     need_dense = correction > 0 or not sequential
     names = (("dense",) if need_dense else ()) + (tuple(ks) if sequential else ())
-    streams = {s: [h for h, _ in batches] for s in names}  # hidden states per batch: dense, and routed per k
+    streams = dict.fromkeys(names, hidden)  # (chunks, tokens, hidden) per stream: dense, and routed per k
     layers = moe.model.layers
     for i in tqdm(range(len(layers)), desc="refitting experts", disable=not progress):
         layer, block = layers[i], layers[i].mlp
-        halves = {s: [attention_half(layer, h, kw) for h, (_, kw) in zip(hs, batches)] for s, hs in streams.items()}
-        flat = {s: [torch.cat(t).flatten(0, -2) for t in zip(*hv)] for s, hv in halves.items()}  # residual, input
-        acts = {s: expert_activations(block, x) for s, (_, x) in flat.items()}  # the conversion keeps gate and up
+        halves = {}  # per stream: (residual after attention, MLP input), each (chunks, tokens, hidden)
+        for s, h in streams.items():
+            parts = [attention_half(layer, hb, kw) for hb, kw in zip(h.split(BATCH), kwargs)]
+            halves[s] = tuple(torch.cat(t) for t in zip(*parts))
+        acts = {s: expert_activations(block, x.flatten(0, -2)) for s, (_, x) in halves.items()}  # gate, up: kept
         # real, still unconverted, with all experts: the dense MLP's routed part
         dense_mlp = {s: torch.einsum("nei,ehi->nh", a, block.experts.down_proj) / len(block.experts.down_proj)
                      for s, a in acts.items()}
         if need_dense:
-            residual, x = flat["dense"]
+            residual, x = (t.flatten(0, -2) for t in halves["dense"])
             dense_next = residual + dense_mlp["dense"] + shared_output(block, x)
         apply_router(block, params["tau"][i], params["scales"][i])
         gram, rhs = 0, 0
         for k in ks:
-            residual, x = flat[fit_on[k]]
+            residual, x = (t.flatten(0, -2) for t in halves[fit_on[k]])
             y = dense_mlp[fit_on[k]]
             if correction and sequential:
                 y = y + correction * (dense_next - residual - shared_output(block, x) - y)
@@ -314,9 +318,11 @@ def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS,
             gram, rhs = gram + g, rhs + r
         solve_down(block, gram, rhs, ridge)
         if need_dense:
-            sizes = [h.shape[:-1].numel() for h in streams["dense"]]
-            streams["dense"] = [d.view_as(h) for d, h in zip(dense_next.split(sizes), streams["dense"])]
-        streams.update({k: [res + moe_at_k(block, x, k) for res, x in halves[k]] for k in ks if sequential})
+            streams["dense"] = dense_next.view_as(halves["dense"][0])
+        for k in ks if sequential else ():
+            residual, x = halves[k]
+            streams[k] = torch.cat([rb + moe_at_k(block, xb, k) for rb, xb in zip(residual.split(BATCH),
+                                                                                   x.split(BATCH))])
     return int(chunks.numel())
 
 

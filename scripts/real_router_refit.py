@@ -1,7 +1,7 @@
 """Ablations of real-router's down-projection refit (lm_eval_bh.real_router.refit_sequentially), full model.
 
     PYTHONPATH=. python scripts/real_router_refit.py [--inputs sequential|dense] [--tokens 12288]
-                                                    [--ridge 0.01] [--correction 0.0]
+                                                    [--ridge 0.01] [--correction 0.5]
 
 Converts the cached ``real`` in memory with the shipped router parameters and the given refit settings
 (``--inputs dense`` is router-v2: every layer fitted on the dense model's MLP inputs), then appends one JSON
@@ -37,7 +37,8 @@ def main() -> None:
     t0 = time.time()
     tokens = real_router.refit_sequentially(moe, real_router.load_params(), tok, args.tokens, ridge=args.ridge,
                                             correction=args.correction, sequential=args.inputs == "sequential")
-    row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge, "correction": args.correction if args.inputs == "sequential" else None,
+    row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge,
+           "correction": args.correction if args.inputs == "sequential" else None,  # unused on dense inputs
            "refit_s": round(time.time() - t0), "torch": torch.__version__}
     for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
                              ("in_sample", real.calibration_chunks(tok, 1024), (4, 8, 16))):

@@ -200,7 +200,8 @@ def test_refit_propagation_is_the_models_own_forward(built, dense, k):
     chunks = _heldout(dense[1], 2 * real.CHUNK)
     with torch.no_grad():
         ours = []
-        for h, kw in real_router.decoder_inputs(model, chunks, batch=1):
+        hidden, kwargs = real_router.decoder_inputs(model, chunks, batch=1)
+        for h, kw in zip(hidden.split(1), kwargs):
             for layer in model.model.layers:
                 residual, x = real_router.attention_half(layer, h, kw)
                 h = residual + real_router.moe_at_k(layer.mlp, x, k)
