@@ -91,12 +91,13 @@ def calibration_text() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
-def calibration_chunks(tokenizer, n_tokens: int, held_out: bool = False) -> torch.Tensor:
-    """(n, CHUNK) token ids: the even (calibration) or odd (held-out) chunks of the calibration text."""
+def calibration_chunks(tokenizer, n_tokens: int, held_out: bool = False, spread: bool = False) -> torch.Tensor:
+    """(n, CHUNK) token ids: the even (calibration) or odd (held-out) chunks of the calibration text, the first n or,
+    with ``spread``, n evenly spaced over the whole text (every topic's prose, not the first topics')."""
     ids = tokenizer(calibration_text(), add_special_tokens=False)["input_ids"]
     chunks = torch.tensor(ids[: len(ids) // CHUNK * CHUNK]).view(-1, CHUNK)[int(held_out)::2]
     n = max(1, min(len(chunks), math.ceil(n_tokens / CHUNK)))
-    return chunks[:n]
+    return chunks[torch.linspace(0, len(chunks) - 1, n).round().long()] if spread else chunks[:n]
 
 
 def load_dense(gguf: Path):
@@ -281,15 +282,16 @@ def heldout_nll(model, chunks: torch.Tensor) -> float:
     return total / n
 
 
-def perplexity_curve(model, tokenizer, ks, alphas, tokens: int = 256) -> list[dict]:
-    """Held-out perplexity at fixed top-k (each k in ``ks``) and under BH (z-score, 1..E experts, each alpha).
+def perplexity_curve(model, tokenizer, ks, alphas, tokens: int = 256, spread: bool = False) -> list[dict]:
+    """Held-out perplexity at fixed top-k (each k in ``ks``) and under BH (z-score, 1..E experts, each alpha), on
+    ``tokens`` held-out tokens (``calibration_chunks``: the first ones or, with ``spread``, spread over the text).
 
     For BH rows, ``topk_ppl`` is the fixed-k perplexity at the same mean k, interpolated in
     log-perplexity (what mixing two fixed k's over the tokens gives).
     """
     from .patch import BHRouting
 
-    chunks = calibration_chunks(tokenizer, tokens, held_out=True)
+    chunks = calibration_chunks(tokenizer, tokens, held_out=True, spread=spread)
     E = int(model.config.num_experts)
     rows = []
     for k in ks:

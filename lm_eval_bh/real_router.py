@@ -3,17 +3,18 @@
 ``real`` (lm_eval_bh.real) stores its router logits at a scale of 1e-5, so its softmax is uniform and every
 expert is multiplied by E: exact with all experts, but nothing that reads router probabilities
 (``pvalue=softmax``, ``selection=topp``, entropy or skipping rules) can be studied on it.  ``real-router``
-is the same checkpoint (attention, shared expert, embeddings, the same 16 neuron groups as experts with the
-same gate and up projections, Qwen2-MoE with ``norm_topk_prob=False``) with two things changed per layer,
-both fitted against the dense model's MLP output on real.py's calibration chunks:
+is the same checkpoint (attention, embeddings, the same 16 neuron groups as experts and the same shared expert,
+all with the same gate and up projections, Qwen2-MoE with ``norm_topk_prob=False``) with two things changed per
+layer, both fitted against the dense model's MLP output on real.py's calibration chunks:
 
 1. the router logits: real's ridge router (its direction: which experts' outputs are large) at a fitted
    temperature ``tau``, the smallest that makes the softmax clearly non-uniform (median top-1 probability
    ``TARGET_TOP1`` >= 2/E on the calibration tokens);
-2. the routed experts' down projections, refitted by ridge regression so that the stock combination
-   sum over the top-k of p_e * expert_e(x) approximates the dense MLP's output, jointly for k in ``FIT_KS``
-   (the combination is linear in the down projections: one solve per layer), shrunk towards real's experts
-   with one fitted output scale ``s_e`` each (``RIDGE``).  The fit is sequential (GPTQ-style,
+2. the down projections (the 16 routed experts' and the shared expert's), refitted by ridge regression so that
+   the stock combination, shared expert + sum over the top-k of p_e * expert_e(x), approximates the dense MLP's
+   output, jointly for k in ``FIT_KS`` (the combination is linear in the down projections: one solve per layer),
+   shrunk towards real's experts with one fitted output scale ``s_e`` each (``RIDGE``), on calibration chunks
+   spread over the whole text.  The fit is sequential (GPTQ-style,
    ``refit_sequentially``): layer l is fitted on the inputs the routed model itself produces at each k, layers
    before it already converted, and its target also steers half (``CORRECTION``) of the accumulated gap
    back towards the dense model's residual stream.  The dense MLP is ``real``'s own all-experts sum, so the
@@ -49,7 +50,7 @@ import torch
 from . import real
 from .errors import UsageError
 
-BUILD_VERSION = "router-v3"  # part of the cache key: bump when the construction changes
+BUILD_VERSION = "router-v4"  # part of the cache key: bump when the construction changes
 ROUTER_VERSION = "router-v2"  # the fit of the shipped router parameters (assets/real_router.json)
 TARGET_TOP1 = 0.14            # median top-1 softmax probability per layer (>= 2/E = 0.125 with a margin)
 FIT_KS = (4, 8, 16)           # the top-k values the scales and down projections are fitted for, equally weighted
@@ -187,39 +188,60 @@ def router_probs(block, x: torch.Tensor) -> torch.Tensor:
     return (logits[0] if isinstance(logits, tuple) else logits).float().softmax(-1)
 
 
+def shared_activations(block, x: torch.Tensor) -> torch.Tensor:
+    """(tokens, neurons): the shared expert's activations times its gate, the input of its down projection."""
+    s = block.shared_expert
+    return torch.sigmoid(block.shared_expert_gate(x)) * torch.nn.functional.silu(s.gate_proj(x)) * s.up_proj(x)
+
+
 @torch.no_grad()
-def down_normal_equations(p: torch.Tensor, a: torch.Tensor, y: torch.Tensor, ks=FIT_KS) -> tuple[torch.Tensor, torch.Tensor]:
+def down_normal_equations(p: torch.Tensor, a: torch.Tensor, y: torch.Tensor, ks=FIT_KS,
+                          shared: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(Gram matrix, right-hand side), float64, of the least-squares problem
-    sum_k E||sum_{top-k} p_e d_e a_e - y||^2 over all routed down projections d jointly (the combination is linear
-    in them): ``p`` (tokens, E) router probabilities, ``a`` (tokens, E, neurons) the experts' activations
-    (``expert_activations``), ``y`` (tokens, hidden) the routed experts' target (the MLP target minus
-    ``shared_output``).  Expert e's rows only sum over the tokens that selected it: at top-k the products cost
-    k/E of the dense Gram matrix's.  Problems on other inputs add up: sum their terms."""
+    sum_k E||sum_{top-k} p_e d_e a_e [+ d_s a_s] - y||^2 over all routed down projections d [and the shared expert's
+    d_s] jointly (the combination is linear in them): ``p`` (tokens, E) router probabilities, ``a`` (tokens, E,
+    neurons) the experts' activations (``expert_activations``), ``shared`` (tokens, S) the shared expert's
+    (``shared_activations``) or None, ``y`` (tokens, hidden) the target of what is fitted (the MLP's, minus
+    ``shared_output`` without ``shared``).  Unknowns: the routed experts' rows in order, then the shared expert's.
+    Expert e's rows only sum over the tokens that selected it: at top-k the products cost k/E of the dense Gram
+    matrix's.  Problems on other inputs add up: sum their terms."""
     _, E, I = a.shape
-    gram = torch.zeros(E * I, E * I, dtype=torch.float64)
-    rhs = torch.zeros(E * I, y.shape[1], dtype=torch.float64)
+    S = 0 if shared is None else shared.shape[1]
+    gram = torch.zeros(E * I + S, E * I + S, dtype=torch.float64)
+    rhs = torch.zeros(E * I + S, y.shape[1], dtype=torch.float64)
     for k in ks:
         w = p * topk_mask(p, k)
         f = w[:, :, None] * a
         for e in range(E):
             rows = w[:, e].nonzero().squeeze(1)
             fe = f[rows]
-            gram[e * I:(e + 1) * I] += (fe[:, e].T @ fe.reshape(len(rows), E * I)).double()
+            gram[e * I:(e + 1) * I, :E * I] += (fe[:, e].T @ fe.reshape(len(rows), E * I)).double()
+            if S:
+                gram[e * I:(e + 1) * I, E * I:] += (fe[:, e].T @ shared[rows]).double()
             rhs[e * I:(e + 1) * I] += (fe[:, e].T @ y[rows]).double()
+        if S:
+            gram[E * I:, E * I:] += (shared.T @ shared).double()
+            rhs[E * I:] += (shared.T @ y).double()
+    gram[E * I:, :E * I] = gram[:E * I, E * I:].T
     return gram, rhs
 
 
 @torch.no_grad()
 def solve_down(block, gram: torch.Tensor, rhs: torch.Tensor, ridge: float = RIDGE) -> None:
-    """Set ``block``'s routed down projections to the ridge solution of (``gram``, ``rhs``), shrunk towards the
-    current ones (d_0) with penalty lambda ||d - d_0||^2, lambda = ``ridge`` times the mean diagonal of the Gram
-    matrix, so the penalty does not depend on the scale of the activations."""
-    experts = block.experts
+    """Set ``block``'s routed down projections (and the shared expert's, when the problem has its rows: see
+    ``down_normal_equations``) to the ridge solution of (``gram``, ``rhs``), shrunk towards the current ones (d_0)
+    with penalty lambda ||d - d_0||^2, lambda = ``ridge`` times the mean diagonal of the Gram matrix, so the
+    penalty does not depend on the scale of the activations."""
+    experts, shared = block.experts, block.shared_expert.down_proj.weight
     E, H, I = experts.down_proj.shape
     d0 = experts.down_proj.permute(0, 2, 1).reshape(E * I, H).double()
+    if len(gram) > E * I:
+        d0 = torch.cat([d0, shared.T.double()])
     lam = ridge * gram.diagonal().mean()
-    d = torch.linalg.solve(gram + lam * torch.eye(E * I, dtype=torch.float64), rhs + lam * d0)
-    experts.down_proj.copy_(d.float().reshape(E, I, H).permute(0, 2, 1))
+    d = torch.linalg.solve(gram + lam * torch.eye(len(gram), dtype=torch.float64), rhs + lam * d0)
+    experts.down_proj.copy_(d[:E * I].float().reshape(E, I, H).permute(0, 2, 1))
+    if len(gram) > E * I:
+        shared.copy_(d[E * I:].float().T)
 
 
 # ----------------------------------------------------------------------------- the sequential refit
@@ -273,21 +295,23 @@ def moe_at_k(block, x: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS, ks=FIT_KS, ridge: float = RIDGE,
-                       correction: float = CORRECTION, sequential: bool = True, progress: bool = True) -> int:
+                       correction: float = CORRECTION, sequential: bool = True, shared: bool = True,
+                       spread: bool = True, progress: bool = True) -> int:
     """``moe`` (a loaded ``real`` checkpoint) turned into ``real-router`` in place, layer by layer (GPTQ-style).
 
     Layer l's MLP inputs are those the *routed* model produces at top-k for each k in ``ks``, layers < l already
     converted (the error an evaluated model compounds is what the fit sees).  The target at those inputs is the
-    dense MLP's output, which is ``real``'s own all-experts sum before the conversion (``real`` is exact with all
-    experts, so the dense model is not needed), plus ``correction`` times the gap between the dense model's
+    dense MLP's output, which is ``real``'s own MLP with all experts before the conversion (``real`` is exact with
+    all experts, so the dense model is not needed), plus ``correction`` times the gap between the dense model's
     residual stream and the routed one's with this layer's MLP dense (1: steer back onto the dense stream).
-    Then the layer's router is applied (``apply_router``) and its routed down projections refitted for all ``ks``
-    jointly (``down_normal_equations``, ``solve_down``).  ``sequential=False`` fits every k on the dense model's
-    inputs instead (router-v2).  Returns the number of tokens fitted on (whole chunks)."""
+    Then the layer's router is applied (``apply_router``) and its routed down projections, and with ``shared`` the
+    shared expert's, refitted for all ``ks`` jointly (``down_normal_equations``, ``solve_down``).
+    ``sequential=False`` fits every k on the dense model's inputs instead (router-v2).  The calibration chunks are
+    spread over the whole text (``spread``) or its first ``tokens``.  Returns the number of tokens fitted on."""
     from tqdm.auto import tqdm
 
     check_params(moe, params)
-    chunks = real.calibration_chunks(tokenizer, tokens)
+    chunks = real.calibration_chunks(tokenizer, tokens, spread=spread)
     hidden, kwargs = decoder_inputs(moe, chunks, BATCH)
     fit_on = {k: k if sequential else "dense" for k in ks}  # the stream each k's problem is posed on
     need_dense = correction > 0 or not sequential
@@ -296,31 +320,32 @@ def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS,
     layers = moe.model.layers
     for i in tqdm(range(len(layers)), desc="refitting experts", disable=not progress):
         layer, block = layers[i], layers[i].mlp
-        halves = {}  # per stream: (residual after attention, MLP input), each (chunks, tokens, hidden)
+        halves = {}  # per stream: (residual after attention, MLP input), each (tokens, hidden)
         for s, h in streams.items():
             parts = [attention_half(layer, hb, kw) for hb, kw in zip(h.split(BATCH), kwargs)]
-            halves[s] = tuple(torch.cat(t) for t in zip(*parts))
-        acts = {s: expert_activations(block, x.flatten(0, -2)) for s, (_, x) in halves.items()}  # gate, up: kept
-        # real, still unconverted, with all experts: the dense MLP's routed part
-        dense_mlp = {s: torch.einsum("nei,ehi->nh", a, block.experts.down_proj) / len(block.experts.down_proj)
-                     for s, a in acts.items()}
+            halves[s] = tuple(torch.cat(t).flatten(0, -2) for t in zip(*parts))
+        acts = {s: expert_activations(block, x) for s, (_, x) in halves.items()}  # gate, up: kept
+        # real, still unconverted, with all experts: the dense MLP
+        dense_mlp = {s: torch.einsum("nei,ehi->nh", acts[s], block.experts.down_proj) / len(block.experts.down_proj)
+                     + shared_output(block, x) for s, (_, x) in halves.items()}
         if need_dense:
-            residual, x = (t.flatten(0, -2) for t in halves["dense"])
-            dense_next = residual + dense_mlp["dense"] + shared_output(block, x)
+            dense_next = halves["dense"][0] + dense_mlp["dense"]
         apply_router(block, params["tau"][i], params["scales"][i])
         gram, rhs = 0, 0
         for k in ks:
-            residual, x = (t.flatten(0, -2) for t in halves[fit_on[k]])
+            residual, x = halves[fit_on[k]]
             y = dense_mlp[fit_on[k]]
             if correction and sequential:
-                y = y + correction * (dense_next - residual - shared_output(block, x) - y)
-            g, r = down_normal_equations(router_probs(block, x), acts[fit_on[k]], y, (k,))
+                y = y + correction * (dense_next - residual - y)
+            g, r = down_normal_equations(router_probs(block, x), acts[fit_on[k]],
+                                         y if shared else y - shared_output(block, x), (k,),
+                                         shared_activations(block, x) if shared else None)
             gram, rhs = gram + g, rhs + r
         solve_down(block, gram, rhs, ridge)
         if need_dense:
-            streams["dense"] = dense_next.view_as(halves["dense"][0])
+            streams["dense"] = dense_next.view_as(hidden)
         for k in ks if sequential else ():
-            residual, x = halves[k]
+            residual, x = (t.view_as(hidden) for t in halves[k])
             streams[k] = torch.cat([rb + moe_at_k(block, xb, k) for rb, xb in zip(residual.split(BATCH),
                                                                                    x.split(BATCH))])
     return int(chunks.numel())
@@ -369,7 +394,7 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True,
     record.update({"build": f"{record['build']}+{BUILD_VERSION}", "router": "softmax, fitted (real_router.py)",
                    "router_params_sha256": _params_hash(params), "target_top1": params["target_top1"],
                    "refit": {"tokens": fitted_tokens, "ks": list(FIT_KS), "ridge": RIDGE, "inputs": "sequential",
-                             "correction": CORRECTION},
+                             "correction": CORRECTION, "shared_expert": True, "chunks": "spread"},
                    "router_build_seconds": round(time.time() - t0, 1)})
     (out / "lm_eval_bh_real.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out

@@ -1,12 +1,14 @@
 """Ablations of real-router's down-projection refit (lm_eval_bh.real_router.refit_sequentially), full model.
 
     PYTHONPATH=. python scripts/real_router_refit.py [--inputs sequential|dense] [--tokens 12288]
-                                                    [--ridge 0.01] [--correction 0.5]
+                                                    [--ridge 0.01] [--correction 0.5] [--no-shared] [--first]
 
 Converts the cached ``real`` in memory with the shipped router parameters and the given refit settings
-(``--inputs dense`` is router-v2: every layer fitted on the dense model's MLP inputs), then appends one JSON
-line to results/real/real_router_refit.jsonl: held-out perplexity (1,024 odd-chunk tokens) x dense at top-2/4/8/16,
-in-sample (the first 1,024 calibration tokens) at 4/8/16, and the seconds the refit took.
+(``--inputs dense`` is router-v2: every layer fitted on the dense model's MLP inputs; ``--no-shared`` keeps the
+shared expert's down projection, as router-v3 did; ``--first`` fits on the first calibration chunks instead of
+chunks spread over the text), then appends one JSON line to results/real/real_router_refit.jsonl: perplexity x
+dense at top-2/4/8/16 on the first 1,024 held-out (odd-chunk) tokens and on 8,192 spread over the text, in-sample
+(the first 1,024 calibration tokens) at 4/8/16, and the seconds the refit took.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=real_router.REFIT_TOKENS)
     ap.add_argument("--ridge", type=float, default=real_router.RIDGE)
     ap.add_argument("--correction", type=float, default=real_router.CORRECTION)
+    ap.add_argument("--no-shared", action="store_true", help="keep the shared expert's down projection")
+    ap.add_argument("--first", action="store_true", help="fit on the first calibration chunks, not spread ones")
     ap.add_argument("--out", default="results/real/real_router_refit.jsonl")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
@@ -36,11 +40,14 @@ def main() -> None:
     moe = AutoModelForCausalLM.from_pretrained(real.ensure_real(), dtype=torch.float32).eval()
     t0 = time.time()
     tokens = real_router.refit_sequentially(moe, real_router.load_params(), tok, args.tokens, ridge=args.ridge,
-                                            correction=args.correction, sequential=args.inputs == "sequential")
+                                            correction=args.correction, sequential=args.inputs == "sequential",
+                                            shared=not args.no_shared, spread=not args.first)
     row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge,
            "correction": args.correction if args.inputs == "sequential" else None,  # unused on dense inputs
+           "shared_expert": not args.no_shared, "chunks": "first" if args.first else "spread",
            "refit_s": round(time.time() - t0), "torch": torch.__version__}
     for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
+                             ("spread", real.calibration_chunks(tok, 8192, held_out=True, spread=True), (2, 4, 8, 16)),
                              ("in_sample", real.calibration_chunks(tok, 1024), (4, 8, 16))):
         dense_ppl = math.exp(real.heldout_nll(dense, chunks))
         for k in ks:
