@@ -44,7 +44,7 @@ def main() -> None:
     check = json.loads(Path("results/real/check.json").read_text())
     if args.remeasure_real or spread or check["held_out_tokens"] != chunks.numel():
         moe = AutoModelForCausalLM.from_pretrained(real.ensure_real(), dtype=torch.float32).eval()
-        real_ppl = {str(r["mean_k"]): r["ppl"]
+        real_ppl = {str(int(r["mean_k"])): r["ppl"]
                     for r in real.perplexity_curve(moe, tok, ks, [], tokens=args.tokens, spread=spread)}
         dense_ppl = math.exp(real.heldout_nll(dense, chunks))
     else:

@@ -8,7 +8,7 @@ Converts the cached ``real`` in memory with the shipped router parameters and th
 shared expert's down projection, as router-v3 did; ``--first`` fits on the first calibration chunks instead of
 chunks spread over the text), then appends one JSON line to results/real/real_router_refit.jsonl: perplexity x
 dense at top-2/4/8/16 on the first 1,024 held-out (odd-chunk) tokens and on 8,192 spread over the text, in-sample
-(the first 1,024 calibration tokens) at 4/8/16, and the seconds the refit took.
+(the first 4 of the chunks fitted on) at 4/8/16, and the seconds the refit took.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
            "refit_s": round(time.time() - t0), "torch": torch.__version__}
     for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
                              ("spread", real.calibration_chunks(tok, 8192, held_out=True, spread=True), (2, 4, 8, 16)),
-                             ("in_sample", real.calibration_chunks(tok, 1024), (4, 8, 16))):
+                             ("in_sample", real.calibration_chunks(tok, args.tokens, spread=not args.first)[:4], (4, 8, 16))):
         dense_ppl = math.exp(real.heldout_nll(dense, chunks))
         for k in ks:
             with BHRouting(min_k=k, max_k=k).patch(moe):
