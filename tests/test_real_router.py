@@ -176,6 +176,20 @@ def test_normal_equations_are_the_dense_products(shared):
     assert torch.allclose(gram, ref_gram, rtol=1e-5, atol=1e-6) and torch.allclose(rhs, ref_rhs, rtol=1e-5, atol=1e-6)
 
 
+def test_spread_chunks_cover_the_whole_text(dense):
+    """The refit's calibration chunks (and the check's held-out ones) are spread evenly from the first chunk to
+    the last, not the first n; calibration and held-out chunks stay disjoint."""
+    tok = dense[1]
+    even = real.calibration_chunks(tok, 10**9)
+    spread = real.calibration_chunks(tok, 12 * real.CHUNK, spread=True)
+    at = [int((even == row).all(1).nonzero()) for row in spread]
+    gaps = [b - a for a, b in zip(at, at[1:])]
+    assert len(spread) == 12 and at[0] == 0 and at[-1] == len(even) - 1 and max(gaps) - min(gaps) <= 1
+    held = real.calibration_chunks(tok, 12 * real.CHUNK, held_out=True, spread=True)
+    assert not any((spread == row).all(1).any() for row in held)
+    assert torch.equal(real.calibration_chunks(tok, 4 * real.CHUNK), even[:4])  # without spread: the first ones
+
+
 def test_fit_steps_solve_planted_problems():
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(4096, 16, generator=gen)
