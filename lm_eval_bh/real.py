@@ -274,7 +274,7 @@ def moefy(dense, tokenizer, num_experts: int = NUM_EXPERTS, top_k: int = TOP_K, 
 def heldout_nll(model, chunks: torch.Tensor) -> float:
     """Mean next-token negative log-likelihood of ``model`` on ``chunks`` (n, CHUNK)."""
     total, n = 0.0, 0
-    for row in chunks.split(4):
+    for row in chunks.to(model.device).split(4):
         logits = model(input_ids=row).logits
         total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), row[:, 1:].flatten(),
                                                    reduction="sum").item()

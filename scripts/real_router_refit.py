@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python scripts/real_router_refit.py [--inputs sequential|dense] [--tokens 12288]
                                                     [--ridge 0.01] [--correction 0.5] [--no-shared] [--first]
+                                                    [--ks 4,8,16] [--device cpu]
 
 Converts the cached ``real`` in memory with the shipped router parameters and the given refit settings
 (``--inputs dense`` is router-v2: every layer fitted on the dense model's MLP inputs; ``--no-shared`` keeps the
@@ -32,20 +33,25 @@ def main() -> None:
     ap.add_argument("--correction", type=float, default=real_router.CORRECTION)
     ap.add_argument("--no-shared", action="store_true", help="keep the shared expert's down projection")
     ap.add_argument("--first", action="store_true", help="fit on the first calibration chunks, not spread ones")
+    ap.add_argument("--ks", default=",".join(map(str, real_router.FIT_KS)), help="the top-k values fitted jointly")
+    ap.add_argument("--device", default="cpu", help="where the refit and the perplexities run (cuda: fast tuning)")
     ap.add_argument("--out", default="results/real/real_router_refit.jsonl")
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
+    ks = tuple(int(k) for k in args.ks.split(","))
     dense, tok = real.load_dense(real.find_gguf())
-    moe = AutoModelForCausalLM.from_pretrained(real.ensure_real(), dtype=torch.float32).eval()
+    dense = dense.to(args.device)
+    moe = AutoModelForCausalLM.from_pretrained(real.ensure_real(), dtype=torch.float32).eval().to(args.device)
     t0 = time.time()
     tokens = real_router.refit_sequentially(moe, real_router.load_params(), tok, args.tokens, ridge=args.ridge,
-                                            correction=args.correction, sequential=args.inputs == "sequential",
+                                            ks=ks, correction=args.correction, sequential=args.inputs == "sequential",
                                             shared=not args.no_shared, spread=not args.first)
     row = {"inputs": args.inputs, "tokens": tokens, "ridge": args.ridge,
            "correction": args.correction if args.inputs == "sequential" else None,  # unused on dense inputs
            "shared_expert": not args.no_shared, "chunks": "first" if args.first else "spread",
-           "refit_s": round(time.time() - t0), "torch": torch.__version__}
+           "ks": list(ks), "refit_s": round(time.time() - t0), "device": args.device,
+           "torch": torch.__version__}
     for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
                              ("spread", real.calibration_chunks(tok, 8192, held_out=True, spread=True), (2, 4, 8, 16)),
                              ("in_sample", real.calibration_chunks(tok, args.tokens, spread=not args.first)[:4], (4, 8, 16))):

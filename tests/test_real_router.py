@@ -5,7 +5,7 @@ the same tokens, its down projections refitted sequentially on 2048.
 Checked: fitting and building are deterministic; the model differs from ``real`` only in the router and the
 down projections (routed and shared experts'); its held-out perplexity at all experts / top-8 / top-4 stays within the bounds
 measured for this reduced build (the full build's are in docs/real-router.md); the refit's layer-by-layer
-propagation is the model's own forward, and its block-sparse normal equations are the dense ones; its
+propagation (design matrices times down weights) is the model's own forward, block by block and chained; its
 router is clearly non-uniform (median top-1 probability >= 2/E)
 where ``real``'s is uniform, so a rule that reads probabilities (top-p) picks a variable k on it; the
 fit's three steps solve planted problems exactly; the shipped parameters fit the current ``real`` build;
@@ -130,13 +130,14 @@ def test_router_is_non_uniform_and_topp_varies(dense, real_dir, built):
 def test_refit_recovers_planted_down_projections(real_dir, dense, shared):
     """A target that some down projections produce exactly (through the stock top-k combination, all k's) is
     met by the refit: it finds those projections (the routed ones, and with ``shared`` the shared expert's too)
-    from others, up to the tiny ridge."""
+    from others, up to the tiny ridge; a huge ridge keeps the current ones."""
     model = _load(real_dir)
     block = model.model.layers[0].mlp
     x = real.mlp_inputs(dense[0], real.calibration_chunks(dense[1], 2 * REFIT), 1, progress=False)[0]  # > 2 x unknowns
     gen = torch.Generator().manual_seed(0)
     planted = torch.randn(block.experts.down_proj.shape, generator=gen) * 0.01
     planted_shared = torch.randn(block.shared_expert.down_proj.weight.shape, generator=gen) * 0.01
+    E, _, I = block.experts.down_proj.shape
     with torch.no_grad():
         block.experts.down_proj.copy_(planted)
         if shared:
@@ -146,11 +147,13 @@ def test_refit_recovers_planted_down_projections(real_dir, dense, shared):
         block.experts.down_proj.zero_()
         if shared:
             block.shared_expert.down_proj.weight.zero_()
-    p, a = real_router.router_probs(block, x), real_router.expert_activations(block, x)
-    if shared:
-        problem = real_router.down_normal_equations(p, a, target, (16,), real_router.shared_activations(block, x))
-    else:
-        problem = real_router.down_normal_equations(p, a, target - real_router.shared_output(block, x), (16,))
+    f = real_router.design(real_router.router_probs(block, x), real_router.activations(block, x), 16, I)
+    fit = f.shape[1] if shared else E * I
+    y = target - f[:, fit:] @ real_router.down_weights(block)[fit:]
+    problem = (f[:, :fit].T @ f[:, :fit]).double(), (f[:, :fit].T @ y).double()
+    before = real_router.down_weights(block)
+    real_router.solve_down(block, *problem, ridge=1e6)
+    assert float((real_router.down_weights(block) - before).norm()) < 1e-3 * float(planted.norm())
     real_router.solve_down(block, *problem, ridge=1e-10)
     with torch.no_grad():
         again = block(x.unsqueeze(0)).squeeze(0)
@@ -160,20 +163,24 @@ def test_refit_recovers_planted_down_projections(real_dir, dense, shared):
         assert float((got.detach() - want).abs().max() / want.abs().max()) < 0.02
 
 
-@pytest.mark.parametrize("shared", [0, 6])
-def test_normal_equations_are_the_dense_products(shared):
-    """The per-expert (block-sparse) accumulation equals F^T F and F^T y of the full design matrix: the routed
-    experts' columns (zero where an expert is not selected), then the shared expert's."""
-    gen = torch.Generator().manual_seed(0)
-    p = torch.randn(300, 8, generator=gen).softmax(-1)
-    a, y = torch.randn(300, 8, 5, generator=gen), torch.randn(300, 3, generator=gen)
-    s = torch.randn(300, shared, generator=gen)
-    gram, rhs = real_router.down_normal_equations(p, a, y, (2, 8), s if shared else None)
-    ref_gram, ref_rhs = 0, 0
-    for k in (2, 8):
-        f = torch.cat([((p * real_router.topk_mask(p, k))[:, :, None] * a).reshape(300, 40), s], 1).double()
-        ref_gram, ref_rhs = ref_gram + f.T @ f, ref_rhs + f.T @ y.double()
-    assert torch.allclose(gram, ref_gram, rtol=1e-5, atol=1e-6) and torch.allclose(rhs, ref_rhs, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("k", [1, 4, 16])
+def test_design_times_down_weights_is_the_blocks_forward(real_dir, dense, k):
+    """The refit's linear model of a block, ``design(p, activations, k) @ down_weights``, is the stock
+    Qwen2-MoE block's output at top-k (routed experts weighted by their probability, plus the gated shared
+    expert), on a router that is not uniform."""
+    model = _load(real_dir)
+    block = model.model.layers[1].mlp
+    x = real.mlp_inputs(dense[0], _heldout(dense[1]), 2, progress=False)[1]
+    with torch.no_grad():
+        block.gate.weight.mul_(1e5)  # real's logits are ~1e-5: make the softmax far from uniform
+        block.shared_expert_gate.weight.normal_(generator=torch.Generator().manual_seed(0))
+        block.gate.top_k = k
+        want = block(x.unsqueeze(0)).squeeze(0)
+    p = real_router.router_probs(block, x)
+    assert float(p.max(-1).values.median()) > 0.15  # vs 1/E = 0.0625 uniform
+    got = real_router.design(p, real_router.activations(block, x), k, block.experts.down_proj.shape[2]) \
+        @ real_router.down_weights(block)
+    assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
 
 
 def test_spread_chunks_cover_the_whole_text(dense):
@@ -221,10 +228,11 @@ def test_parameters_for_another_model_are_one_clear_error(real_dir, params, dens
         real_router.refit_sequentially(_load(real_dir), wrong, dense[1], REFIT, progress=False)
 
 
-@pytest.mark.parametrize("k", [4, 16])
+@pytest.mark.parametrize("k", [1, 4, 16])
 def test_refit_propagation_is_the_models_own_forward(built, dense, k):
     """The hidden states the sequential refit fits each layer on are those the routed model computes at top-k:
-    its layer pieces (decoder_inputs, attention_half, moe_at_k) chained over all layers give the model's output."""
+    its layer pieces (decoder_inputs, attention_half, design @ down_weights) chained over all layers
+    give the model's output."""
     model = _load(built[0])
     chunks = _heldout(dense[1], 2 * real.CHUNK)
     with torch.no_grad():
@@ -233,10 +241,12 @@ def test_refit_propagation_is_the_models_own_forward(built, dense, k):
         for h, kw in zip(hidden.split(1), kwargs):
             for layer in model.model.layers:
                 residual, x = real_router.attention_half(layer, h, kw)
-                h = residual + real_router.moe_at_k(layer.mlp, x, k)
+                x, block = x.flatten(0, -2), layer.mlp
+                f = real_router.design(real_router.router_probs(block, x), real_router.activations(block, x), k,
+                                       block.experts.down_proj.shape[2])
+                h = residual + (f @ real_router.down_weights(block)).view_as(residual)
             ours.append(model.model.norm(h))
-        assert all(layer.mlp.gate.top_k == model.config.num_experts_per_tok for layer in model.model.layers)
-        for layer in model.model.layers:  # moe_at_k restored the stock top-k; now the model's own forward at k
+        for layer in model.model.layers:  # the model's own forward at k
             layer.mlp.gate.top_k = k
         theirs = model.model(input_ids=chunks).last_hidden_state
     assert torch.allclose(torch.cat(ours), theirs, atol=1e-5 * float(theirs.abs().max()), rtol=0)
