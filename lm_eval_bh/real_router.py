@@ -54,10 +54,10 @@ BUILD_VERSION = "router-v5"  # part of the cache key: bump when the construction
 ROUTER_VERSION = "router-v2"  # the fit of the shipped router parameters (assets/real_router.json)
 TARGET_TOP1 = 0.14            # median top-1 softmax probability per layer (>= 2/E = 0.125 with a margin)
 FIT_KS = (4, 8, 16)           # the top-k values the scales and down projections are fitted for, equally weighted
-REFIT_TOKENS = 12288          # calibration tokens of the down-projection refit
+REFIT_TOKENS = 18432          # calibration tokens of the down-projection refit (72 chunks spread over the text)
 CORRECTION = 0.5              # share of the accumulated gap to the dense stream each layer's refit steers back
 BATCH = 16                    # calibration chunks per forward of the refit
-RIDGE = 1e-2                  # its penalty towards real's scaled experts, relative to the Gram matrix's mean diagonal
+RIDGE = 3e-3                  # its penalty towards real's scaled experts, relative to the Gram matrix's mean diagonal
 ASSET = Path(__file__).with_name("assets") / "real_router.json"
 
 
