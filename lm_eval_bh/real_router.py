@@ -369,7 +369,8 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True,
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(real_dir)
     moe = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).eval()
-    fitted_tokens = refit_sequentially(moe, params, tok, refit_tokens, progress=progress)
+    refit = {"ks": FIT_KS, "ridge": RIDGE, "correction": CORRECTION, "sequential": True, "shared": True, "spread": True}
+    fitted_tokens = refit_sequentially(moe, params, tok, refit_tokens, progress=progress, **refit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(str(out))
@@ -377,8 +378,7 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True,
     record = json.loads((Path(real_dir) / "lm_eval_bh_real.json").read_text())
     record.update({"build": f"{record['build']}+{BUILD_VERSION}", "router": "softmax, fitted (real_router.py)",
                    "router_params_sha256": _params_hash(params), "target_top1": params["target_top1"],
-                   "refit": {"tokens": fitted_tokens, "ks": list(FIT_KS), "ridge": RIDGE, "inputs": "sequential",
-                             "correction": CORRECTION, "shared_expert": True, "chunks": "spread"},
+                   "refit": {"tokens": fitted_tokens, **refit, "ks": list(FIT_KS)},
                    "router_build_seconds": round(time.time() - t0, 1)})
     (out / "lm_eval_bh_real.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
