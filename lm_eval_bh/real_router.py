@@ -178,12 +178,14 @@ def check_params(moe, params: dict) -> None:
                          f"real model; refit them with scripts/fit_real_router.py")
 
 
+@torch.no_grad()
 def router_probs(block, x: torch.Tensor) -> torch.Tensor:
     """(tokens, E): the block's softmax router probabilities at ``x``."""
     logits = block.gate(x)
     return (logits[0] if isinstance(logits, tuple) else logits).float().softmax(-1)
 
 
+@torch.no_grad()
 def activations(block, x: torch.Tensor) -> torch.Tensor:
     """(tokens, E * neurons + S): the inputs of all the block's down projections, the routed experts' in order,
     then the shared expert's times its sigmoid gate: what the refit holds fixed."""
@@ -192,10 +194,12 @@ def activations(block, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([expert_activations(block, x).flatten(1), gated], 1)
 
 
+@torch.no_grad()
 def down_weights(block) -> torch.Tensor:
     """(E * neurons + S, hidden): all the block's down projections, stacked in ``activations``' order."""
     E, H, I = block.experts.down_proj.shape
-    return torch.cat([block.experts.down_proj.permute(0, 2, 1).reshape(E * I, H), block.shared_expert.down_proj.weight.T])
+    routed = block.experts.down_proj.permute(0, 2, 1).reshape(E * I, H)
+    return torch.cat([routed, block.shared_expert.down_proj.weight.T])
 
 
 def design(p: torch.Tensor, acts: torch.Tensor, k: int, neurons: int) -> torch.Tensor:
@@ -203,7 +207,7 @@ def design(p: torch.Tensor, acts: torch.Tensor, k: int, neurons: int) -> torch.T
     (its probability in ``p`` if selected, else 0), the shared expert's as they are.  The MoE block's output at
     top-k is ``design(...) @ down_weights(block)`` (norm_topk_prob=False; the tests check it against the block's
     forward): linear in the down projections, so one least-squares problem fits them all."""
-    n, E = p.shape
+    E = p.shape[1]
     w = (p * topk_mask(p, k)).repeat_interleave(neurons, 1)
     return torch.cat([acts[:, :E * neurons] * w, acts[:, E * neurons:]], 1)
 
@@ -310,11 +314,10 @@ def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS,
             halves[s] = tuple(torch.cat(t).flatten(0, -2) for t in zip(*parts))
         acts = {s: activations(block, x) for s, (_, x) in halves.items()}  # gate, up: kept
         E, _, I = block.experts.down_proj.shape
-        # real, still unconverted, with all experts at weight 1 (it stores d_e * E and p_e ~ 1/E): the dense MLP
         weights = down_weights(block)
         fit = len(weights) if shared else E * I  # the rows refitted: with ``shared``, all
-        dense = torch.cat([weights[:E * I] / E, weights[E * I:]])
-        dense_mlp = {s: a @ dense for s, a in acts.items()}
+        # real, still unconverted, with all experts at weight 1 (it stores d_e * E and p_e ~ 1/E): the dense MLP
+        dense_mlp = {s: a @ torch.cat([weights[:E * I] / E, weights[E * I:]]) for s, a in acts.items()}
         if need_dense:
             dense_next = halves["dense"][0] + dense_mlp["dense"]
         apply_router(block, params["tau"][i], params["scales"][i])
@@ -369,8 +372,8 @@ def build_real_router(out_dir, real_dir, params: dict, progress: bool = True,
     t0 = time.time()
     tok = AutoTokenizer.from_pretrained(real_dir)
     moe = AutoModelForCausalLM.from_pretrained(real_dir, dtype=torch.float32).eval()
-    refit = {"ks": FIT_KS, "ridge": RIDGE, "correction": CORRECTION, "sequential": True, "shared": True, "spread": True}
-    fitted_tokens = refit_sequentially(moe, params, tok, refit_tokens, progress=progress, **refit)
+    refit = {"ridge": RIDGE, "correction": CORRECTION, "sequential": True, "shared": True, "spread": True}
+    fitted_tokens = refit_sequentially(moe, params, tok, refit_tokens, ks=FIT_KS, progress=progress, **refit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     moe.save_pretrained(str(out))

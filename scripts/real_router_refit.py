@@ -1,7 +1,7 @@
 """Ablations of real-router's down-projection refit (lm_eval_bh.real_router.refit_sequentially), full model.
 
-    PYTHONPATH=. python scripts/real_router_refit.py [--inputs sequential|dense] [--tokens 12288]
-                                                    [--ridge 0.01] [--correction 0.5] [--no-shared] [--first]
+    PYTHONPATH=. python scripts/real_router_refit.py [--inputs sequential|dense] [--tokens 18432]
+                                                    [--ridge 0.003] [--correction 0.5] [--no-shared] [--first]
                                                     [--ks 4,8,16] [--device cpu]
 
 Converts the cached ``real`` in memory with the shipped router parameters and the given refit settings
@@ -52,11 +52,12 @@ def main() -> None:
            "shared_expert": not args.no_shared, "chunks": "first" if args.first else "spread",
            "ks": list(ks), "refit_s": round(time.time() - t0), "device": args.device,
            "torch": torch.__version__}
-    for name, chunks, ks in (("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
-                             ("spread", real.calibration_chunks(tok, 8192, held_out=True, spread=True), (2, 4, 8, 16)),
-                             ("in_sample", real.calibration_chunks(tok, args.tokens, spread=not args.first)[:4], (4, 8, 16))):
+    for name, chunks, measured in (
+            ("held_out", real.calibration_chunks(tok, 1024, held_out=True), (2, 4, 8, 16)),
+            ("spread", real.calibration_chunks(tok, 8192, held_out=True, spread=True), (2, 4, 8, 16)),
+            ("in_sample", real.calibration_chunks(tok, args.tokens, spread=not args.first)[:4], (4, 8, 16))):
         dense_ppl = math.exp(real.heldout_nll(dense, chunks))
-        for k in ks:
+        for k in measured:
             with BHRouting(min_k=k, max_k=k).patch(moe):
                 row[f"{name}_{k}"] = round(math.exp(real.heldout_nll(moe, chunks)) / dense_ppl, 3)
     print(json.dumps(row))
