@@ -53,7 +53,7 @@ def is_built(name: str) -> bool:
 def missing(name: str) -> str | None:
     """The install command that building the model still needs here; None when it is built or buildable."""
     if _check(name) == "tiny" or is_built(name):
-        return None  # (real-router's refit reads the dense model too: it needs the wheel even once `real` is built)
+        return None  # (real-router names the wheel too: it is built from `real`, which needs it)
     from .real import INSTALL_HINT, find_gguf
 
     try:

