@@ -317,11 +317,12 @@ def refit_sequentially(moe, params: dict, tokenizer, tokens: int = REFIT_TOKENS,
         weights = down_weights(block)
         fit = len(weights) if shared else E * I  # the rows refitted: with ``shared``, all
         # real, still unconverted, with all experts at weight 1 (it stores d_e * E and p_e ~ 1/E): the dense MLP
-        dense_mlp = {s: a @ torch.cat([weights[:E * I] / E, weights[E * I:]]) for s, a in acts.items()}
+        dense = torch.cat([weights[:E * I] / E, weights[E * I:]])
+        dense_mlp = {s: a @ dense for s, a in acts.items()}
         if need_dense:
             dense_next = halves["dense"][0] + dense_mlp["dense"]
         apply_router(block, params["tau"][i], params["scales"][i])
-        designs, gram, rhs, kept = {}, 0, 0, down_weights(block)[fit:]
+        designs, gram, rhs, kept = {}, 0, 0, weights[fit:]  # rows apply_router leaves alone (the shared expert's)
         for k in ks:
             s = fit_on[k]
             y = dense_mlp[s]

@@ -150,7 +150,7 @@ def test_refit_recovers_planted_down_projections(real_dir, dense, shared):
     f = real_router.design(real_router.router_probs(block, x), real_router.activations(block, x), 16, I)
     fit = f.shape[1] if shared else E * I
     y = target - f[:, fit:] @ real_router.down_weights(block)[fit:]
-    problem = (f[:, :fit].T @ f[:, :fit]).double(), (f[:, :fit].T @ y).double()
+    problem = real_router.gram_matrix(f[:, :fit]), (f[:, :fit].T @ y).double()  # as the refit accumulates them
     before = real_router.down_weights(block)
     real_router.solve_down(block, *problem, ridge=1e6)
     assert float((real_router.down_weights(block) - before).norm()) < 1e-3 * float(planted.norm())
